@@ -1,0 +1,41 @@
+"""Typed errors. Library code raises these; only the CLI turns them into exit codes."""
+
+
+class RowcolError(Exception):
+    """Base class: a problem with the user's input that the message names."""
+
+
+class ConfigError(RowcolError, ValueError):
+    """A bad config key, value or flag."""
+
+
+class DataError(RowcolError):
+    """A missing, empty or unreadable dataset."""
+
+
+class BadImageError(DataError):
+    """One image file that cannot be decoded; ``path`` names it."""
+
+    def __init__(self, path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f'{self.path}: {reason}')
+
+
+class ModelNameError(RowcolError, KeyError):
+    """An unknown model name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ''
+
+
+class CheckpointError(RowcolError):
+    """A checkpoint or run directory that is missing, corrupt, or does not fit the model/classes."""
+
+
+class RunExistsError(RowcolError):
+    """--output points at an existing run and neither --resume nor --overwrite was given."""
+
+
+class NonFiniteLossError(RowcolError):
+    """Too many non-finite losses in a row; the last good checkpoint is left intact."""

@@ -1,0 +1,245 @@
+"""The row/column-space tie, written once, and the PE blocks built on it.
+
+Paper: "Do deep neural networks utilize the weight space efficiently?" (arXiv 2401.16438;
+the authors later called the method HaLViT). A dense pair ``W2 F(W1 x)`` spends two
+matrices on one job; the PE form reuses one ``W`` for both maps: ``Wᵀ F(W x)``. The first
+map works in W's column space, the second in its row space, and because ``F`` moves
+``W x`` out of the column space, ``Wᵀ`` still has new work to do.
+
+Everything that ties a weight lives in :class:`TiedLinear`: one ``nn.Parameter`` ``W`` of
+shape ``(out, in)``, applied as ``W`` by :meth:`TiedLinear.forward` / :meth:`TiedLinear.conv`
+and as ``Wᵀ`` by :meth:`TiedLinear.forward_t` / :meth:`TiedLinear.conv_t`. No copy of ``W``
+or ``Wᵀ`` is stored; ``W.t()`` is a stride view, and BLAS/oneDNN read it transposed.
+
+Built on it here:
+
+* :class:`PeMlp` -- ``Wᵀ F(W x + b1) + b2`` with ``W`` of shape (hidden, dim). ``F`` is the
+  block's activation (GELU by default); passing ``nn.Identity`` gives the paper's break
+  condition, where ``Wᵀ W x`` stays in the row space and adds nothing new.
+* :class:`PeAttention` -- the authors' attention: ``Q = W_q x``, ``K = W_kv x``,
+  ``V = W_kvᵀ x``, output projection ``W_qᵀ``; two d×d matrices instead of four, all four
+  biases kept. Other tie patterns (``ATTN_FORMS``) exist for ablations.
+
+Both are drop-in ``mlp_layer`` / ``attn_layer`` types for timm's ``VisionTransformer``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+__all__ = ['TiedLinear', 'PeMlp', 'PeAttention', 'ATTN_FORMS', 'pe_attention', 'tied_modules']
+
+
+class TiedLinear(nn.Module):
+    """One weight ``W`` (out_features, in_features) used as ``W`` and as ``Wᵀ``.
+
+    ``forward`` maps in -> out with ``W`` (+ ``bias``); ``forward_t`` maps out -> in with
+    ``Wᵀ`` (+ ``bias_t``). ``conv`` / ``conv_t`` are the same two maps as 1×1 convolutions
+    over the channel dimension of NCHW (or channels_last) tensors.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool = True,
+            bias_t: bool = True,
+            init: str = 'trunc_normal',
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.init = init
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **dd))  # the one W
+        self.bias = nn.Parameter(torch.empty(out_features, **dd)) if bias else None  # b of the W map
+        self.bias_t = nn.Parameter(torch.empty(in_features, **dd)) if bias_t else None  # b of the Wᵀ map
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialise W once. timm's ``init_weights_vit_*`` call this instead of touching W."""
+        if self.init == 'trunc_normal':  # timm ViT init, same as the dense twin's Linear layers
+            trunc_normal_(self.weight, std=.02)
+        elif self.init == 'xavier_normal':  # the authors' init for the ResNet stage W
+            nn.init.xavier_normal_(self.weight)
+        elif self.init == 'kaiming_normal':
+            nn.init.kaiming_normal_(self.weight, mode='fan_out', nonlinearity='relu')
+        else:
+            raise ValueError(f"TiedLinear: unknown init '{self.init}'")
+        for b in (self.bias, self.bias_t):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out): column space of W
+
+    def forward_t(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.t(), self.bias_t)  # (..., out) -> (..., in): row space, same W
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
+
+    def conv_t(self, x: torch.Tensor) -> torch.Tensor:
+        # Wᵀ as a 1×1 conv: a (in, out, 1, 1) stride view of W, no stored copy.
+        return F.conv2d(x, self.weight.t()[:, :, None, None], self.bias_t)  # (B, out, H, W) -> (B, in, H, W)
+
+    def extra_repr(self) -> str:
+        return (f'in_features={self.in_features}, out_features={self.out_features}, '
+                f'bias={self.bias is not None}, bias_t={self.bias_t is not None}, tied=W/Wᵀ')
+
+
+def tied_modules(model: nn.Module) -> list[tuple[str, TiedLinear]]:
+    """Every ``TiedLinear`` in ``model`` with its qualified name, each once."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLinear)]
+
+
+class PeMlp(nn.Module):
+    """``Wᵀ F(W x + b1) + b2``: timm ``Mlp`` with ``fc2`` tied to ``fc1``'s transpose.
+
+    Same call signature as ``timm.layers.Mlp`` so it can be a ``VisionTransformer``
+    ``mlp_layer``. There is deliberately no ``fc2`` module.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: Optional[int] = None,
+            out_features: Optional[int] = None,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            bias: bool = True,
+            drop: float = 0.,
+            device=None,
+            dtype=None,
+            **kwargs,
+    ) -> None:
+        super().__init__()
+        if out_features not in (None, in_features):
+            raise ValueError(f'PeMlp: out_features ({out_features}) must equal in_features '
+                             f'({in_features}); Wᵀ maps back to the input width')
+        if kwargs.get('use_conv'):
+            raise ValueError('PeMlp: use_conv is not supported')
+        hidden_features = hidden_features or in_features
+        self.fc = TiedLinear(in_features, hidden_features, bias=bias, bias_t=bias, device=device, dtype=dtype)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features, device=device, dtype=dtype) if norm_layer else nn.Identity()
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)  # (B, N, hidden) = W x + b1
+        x = self.drop1(self.act(x))
+        x = self.norm(x)
+        x = self.fc.forward_t(x)  # (B, N, dim) = Wᵀ F(.) + b2, the same W
+        return self.drop2(x)
+
+
+# Which projection serves which role. Names list the tied pairs; a projection left out of
+# every pair is its own nn.Linear.
+#   qo_kv : Q = W_q x, K = W_kv x, V = W_kvᵀ x, out = W_qᵀ    (the authors' form, 2 matrices)
+#   qk_vo : Q = W_qk x, K = W_qkᵀ x, V = W_vo x, out = W_voᵀ  (2 matrices)
+#   vo    : Q = W_q x, K = W_k x, V = W_v x, out = W_vᵀ      (3 matrices)
+ATTN_FORMS = ('qo_kv', 'qk_vo', 'vo')
+
+
+class PeAttention(nn.Module):
+    """Multi-head self-attention whose projections are tied in pairs (see ``ATTN_FORMS``).
+
+    Call signature of ``timm.layers.Attention``. ``form`` is a class attribute so timm's
+    ``VisionTransformer`` (which wants an attention *class*) can take a variant made by
+    :func:`pe_attention`. All four biases (q, k, v, out) are kept when ``qkv_bias``/``proj_bias``.
+    """
+    form: str = 'qo_kv'
+    fused_attn: bool = True
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            device=None,
+            dtype=None,
+            **kwargs,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'PeAttention: dim ({dim}) must be divisible by num_heads ({num_heads})')
+        if qk_norm or scale_norm:
+            raise ValueError('PeAttention: qk_norm / scale_norm are not supported')
+        if self.form not in ATTN_FORMS:
+            raise ValueError(f"PeAttention: unknown form '{self.form}', expected one of {ATTN_FORMS}")
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        f = self.form
+        if f == 'qo_kv':
+            self.q = TiedLinear(dim, dim, bias=qkv_bias, bias_t=proj_bias, **dd)  # W_q: Q, and W_qᵀ: out
+            self.kv = TiedLinear(dim, dim, bias=qkv_bias, bias_t=qkv_bias, **dd)  # W_kv: K, and W_kvᵀ: V
+        elif f == 'qk_vo':
+            self.qk = TiedLinear(dim, dim, bias=qkv_bias, bias_t=qkv_bias, **dd)  # W_qk: Q, W_qkᵀ: K
+            self.vo = TiedLinear(dim, dim, bias=qkv_bias, bias_t=proj_bias, **dd)  # W_vo: V, W_voᵀ: out
+        else:  # 'vo'
+            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+            self.k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+            self.vo = TiedLinear(dim, dim, bias=qkv_bias, bias_t=proj_bias, **dd)  # W_v: V, W_vᵀ: out
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self.form
+        if f == 'qo_kv':
+            return self.q(x), self.kv(x), self.kv.forward_t(x)
+        if f == 'qk_vo':
+            return self.qk(x), self.qk.forward_t(x), self.vo(x)
+        return self.q(x), self.k(x), self.vo(x)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q.forward_t(x) if self.form == 'qo_kv' else self.vo.forward_t(x)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+                   for t in self._project(x))
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self._out(x))
+
+
+_ATTN_CLASSES: dict[str, type[PeAttention]] = {'qo_kv': PeAttention}
+
+
+def pe_attention(form: str) -> type[PeAttention]:
+    """The ``PeAttention`` class for one tie pattern (timm wants a class, not a partial)."""
+    if form not in ATTN_FORMS:
+        raise ValueError(f"unknown attention form '{form}', expected one of {ATTN_FORMS} "
+                         f"(or 'dense' for untied attention)")
+    if form not in _ATTN_CLASSES:
+        _ATTN_CLASSES[form] = type(f'PeAttention_{form}', (PeAttention,), {'form': form, '__module__': __name__})
+    return _ATTN_CLASSES[form]

@@ -1,0 +1,323 @@
+"""ResNet-PE: ResNet-50 whose later stages share one W per stage, used as W and Wᵀ.
+
+Paper: "Do deep neural networks utilize the weight space efficiently?" (arXiv 2401.16438),
+ResNet-50 experiments. The network is torchvision's ResNet-50 (v1.5: stride on the 3×3 conv;
+7×7 stem and max-pool; widths 64/128/256/512, expansion 4, blocks 3/4/6/3). Stages 1-2 are
+timm's standard ``Bottleneck`` with 1×1 projection shortcuts. Stages 3-4 are PE stages
+(:class:`PeStage`); for input width C_in, bottleneck width m, output width C = 4m, stride s:
+
+* one W of shape (m, C) per stage (:class:`rowcol.layers.TiedLinear`, Xavier-normal init),
+  the 1×1 conv C→m, and transposed the 1×1 conv m→C, in every block of the stage;
+* if C_in ≠ C the stage input is widened to [new, x] with
+  new = GELU(BN(3×3 conv, groups=C_in, C − C_in outputs, stride 1, no bias));
+* the identity of block 0 is BN(BN(depthwise 3×3 conv, stride s)) of the widened input when
+  s ≠ 1 (two BNs in a row, as the authors have it), else the widened input;
+* block i: h = BN(Wᵀ ReLU(BN(conv3×3(ReLU(BN(W x)))))), x = ReLU(h + identity).
+
+``pe_stages`` picks which stages (1-4) are PE; ``tie`` is ``'stage'`` (one W per stage, the
+authors'), ``'block'`` (one W per block, used as W and Wᵀ) or ``'none'`` (the same layout with
+its own W1 and W2 per block, to measure the tie alone). ``stem='3x3'`` replaces the 7×7 stem
+and max-pool with one 3×3 stride-1 conv for 32-px images.
+
+Deviations: like timm's ResNet-50 (the dense twin) the last BN of every block starts at zero
+(``zero_init_last``); the paper does not say. The CIFAR-sized models are rowcol's additions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, register_model
+from timm.models._manipulate import checkpoint_seq
+from timm.models._registry import generate_default_cfgs
+from timm.models.resnet import Bottleneck, downsample_conv
+
+from rowcol.layers import TiedLinear
+from rowcol.models._registry import dense_twin, register_pe
+
+__all__ = ['ResNetPE', 'PeStage', 'PeBottleneck']
+
+TIE_MODES = ('stage', 'block', 'none')
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c)
+
+
+class PeBottleneck(nn.Module):
+    """One PE bottleneck. Its W comes from the stage (tie='stage') or is its own."""
+
+    def __init__(self, width: int, mid: int, stride: int = 1, tie: str = 'stage',
+                 drop_path: float = 0.) -> None:
+        super().__init__()
+        self.tie = tie
+        if tie == 'block':
+            self.w = TiedLinear(width, mid, bias=False, bias_t=False, init='xavier_normal')  # W (m, C)
+        elif tie == 'none':
+            self.conv1 = nn.Conv2d(width, mid, 1, bias=False)  # W1 (m, C), untied
+            self.conv3 = nn.Conv2d(mid, width, 1, bias=False)  # W2 (C, m), untied
+        self.bn1 = _bn(mid)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = _bn(mid)
+        self.act2 = nn.ReLU(inplace=True)
+        self.bn3 = _bn(width)
+        self.act3 = nn.ReLU(inplace=True)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def init_weights(self) -> None:
+        if self.tie == 'none':  # same init as the tied W, so only the tie differs
+            nn.init.xavier_normal_(self.conv1.weight)
+            nn.init.xavier_normal_(self.conv3.weight)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor, w: Optional[TiedLinear] = None,
+                shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shortcut = x if shortcut is None else shortcut
+        if self.tie == 'block':
+            w = self.w
+        h = self.conv1(x) if self.tie == 'none' else w.conv(x)  # (B, m, H, W): W x
+        h = self.act1(self.bn1(h))
+        h = self.act2(self.bn2(self.conv2(h)))  # (B, m, H/s, W/s)
+        h = self.conv3(h) if self.tie == 'none' else w.conv_t(h)  # (B, C, H/s, W/s): Wᵀ G(W x)
+        h = self.bn3(h)
+        return self.act3(self.drop_path(h) + shortcut)
+
+
+class PeStage(nn.Module):
+    """A PE stage: optional widening, strided identity for block 0, blocks sharing one W."""
+
+    def __init__(self, in_chs: int, mid: int, depth: int, stride: int, tie: str = 'stage',
+                 drop_path: Sequence[float] = ()) -> None:
+        super().__init__()
+        out_chs = 4 * mid
+        if tie not in TIE_MODES:
+            raise ValueError(f"unknown tie mode '{tie}', expected one of {TIE_MODES}")
+        if out_chs != in_chs and ((out_chs - in_chs) % in_chs or out_chs < in_chs):
+            raise ValueError(f'PE stage: cannot widen {in_chs} to {out_chs} channels with a grouped '
+                             f'conv (groups={in_chs}); out - in must be a positive multiple of in')
+        self.widen = None
+        if out_chs != in_chs:
+            self.widen = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs - in_chs, 3, padding=1, groups=in_chs, bias=False),
+                _bn(out_chs - in_chs), nn.GELU())
+        self.downsample = None
+        if stride != 1:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(out_chs, out_chs, 3, stride=stride, padding=1, groups=out_chs, bias=False),
+                _bn(out_chs), _bn(out_chs))  # two BNs in a row, as in the authors' code
+        # The one W of this stage, (m, C): every block applies it as W and as Wᵀ.
+        self.w = TiedLinear(out_chs, mid, bias=False, bias_t=False, init='xavier_normal') if tie == 'stage' else None
+        dp = list(drop_path) or [0.] * depth
+        self.blocks = nn.ModuleList(
+            PeBottleneck(out_chs, mid, stride if i == 0 else 1, tie, dp[i]) for i in range(depth))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widen is not None:
+            x = torch.cat([self.widen(x), x], dim=1)  # (B, C, H, W): [new, x]
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        for i, blk in enumerate(self.blocks):
+            sc = shortcut if i == 0 else None
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, self.w, sc, use_reentrant=False)
+            else:
+                x = blk(x, self.w, sc)
+        return x
+
+
+def _dense_stage(in_chs: int, mid: int, depth: int, stride: int, drop_path: Sequence[float]) -> nn.Sequential:
+    out_chs = 4 * mid
+    blocks = []
+    for i in range(depth):
+        down = None
+        if i == 0 and (stride != 1 or in_chs != out_chs):
+            down = downsample_conv(in_chs, out_chs, 1, stride=stride)
+        dp = DropPath(drop_path[i]) if drop_path[i] > 0 else None
+        blocks.append(Bottleneck(in_chs if i == 0 else out_chs, mid, stride if i == 0 else 1, down, drop_path=dp))
+    return nn.Sequential(*blocks)
+
+
+class ResNetPE(nn.Module):
+    """Bottleneck ResNet with any set of stages made PE; timm's model interface."""
+
+    def __init__(
+            self,
+            layers: Sequence[int] = (3, 4, 6, 3),
+            widths: Sequence[int] = (64, 128, 256, 512),
+            pe_stages: Sequence[int] = (3, 4),
+            tie: str = 'stage',
+            stem: str = '7x7',
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+            **kwargs,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(f'ResNetPE: unexpected arguments {sorted(kwargs)}')
+        if any(s not in (1, 2, 3, 4) for s in pe_stages):
+            raise ValueError(f'pe_stages must be stage numbers 1-4, got {tuple(pe_stages)}')
+        if stem not in ('7x7', '3x3'):
+            raise ValueError(f"stem must be '7x7' or '3x3', got '{stem}'")
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.pe_stages = tuple(sorted(pe_stages))
+        stem_chs = widths[0]
+        if stem == '7x7':
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = _bn(stem_chs)
+        self.act1 = nn.ReLU(inplace=True)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        in_chs, reduction, self.feature_info = stem_chs, 4 if stem == '7x7' else 1, []
+        for i, (depth, mid) in enumerate(zip(layers, widths)):
+            stride = 1 if i == 0 else 2
+            dp, dpr = dpr[:depth], dpr[depth:]
+            if i + 1 in self.pe_stages:
+                stage = PeStage(in_chs, mid, depth, stride, tie, dp)
+            else:
+                stage = _dense_stage(in_chs, mid, depth, stride, dp)
+            self.add_module(f'layer{i + 1}', stage)
+            in_chs, reduction = 4 * mid, reduction * stride
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'layer{i + 1}'))
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = nn.Linear(in_chs * self.global_pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+        self.init_weights(zero_init_last)
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        # Each module is visited once, so a W shared by a whole stage is initialised once.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (TiedLinear, PeBottleneck)):
+                m.init_weights()
+        if zero_init_last:
+            for m in self.modules():
+                if hasattr(m, 'zero_init_last'):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(?:blocks\.)?(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for i in self.pe_stages:
+            getattr(self, f'layer{i}').grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+        self.num_classes = num_classes
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = nn.Linear(self.num_features * self.global_pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # (B, C0, H/4, W/4) or (B, C0, H, W)
+        stages = [getattr(self, f'layer{i}') for i in range(1, 5)]
+        for i, stage in enumerate(stages):
+            if self.grad_checkpointing and isinstance(stage, nn.Sequential) and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)  # PE stages checkpoint per block themselves
+            else:
+                x = stage(x)
+        return x  # (B, C, h, w)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)  # (B, C)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNetPE:
+    if pretrained:
+        raise ValueError(f'{variant}: rowcol has no pretrained weights; train one (rowcol train) '
+                         'or load a run with --checkpoint')
+    model = build_model_with_cfg(ResNetPE, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    model.dense_twin = dense_twin(variant)  # None for the dense models registered here
+    return model
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225), 'first_conv': 'conv1', 'classifier': 'fc', **kwargs,
+    }
+
+
+_cifar = dict(num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
+              mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+default_cfgs = generate_default_cfgs({
+    'resnet50_pe': _cfg(),
+    'resnet50_pe_untied': _cfg(),
+    'resnet26_cifar': _cfg(**_cifar),
+    'resnet26_pe_cifar': _cfg(**_cifar),
+    'resnet26_pe_all_cifar': _cfg(**_cifar),
+})
+
+_R50 = dict(layers=(3, 4, 6, 3), widths=(64, 128, 256, 512))
+_R26_CIFAR = dict(layers=(2, 2, 2, 2), widths=(16, 32, 64, 128), stem='3x3')
+
+register_pe('resnet50_pe', 'resnet50', 15_515_176, 13_466_176, 25_557_032)
+register_pe('resnet26_pe_cifar', 'resnet26_cifar', 526_426, 521_296, 882_394)
+register_pe('resnet26_pe_all_cifar', 'resnet26_cifar', 507_178, 502_048, 882_394)
+
+
+@register_model
+def resnet50_pe(pretrained: bool = False, **kwargs) -> ResNetPE:
+    """ResNet-50-PE, the authors' layout: stages 3-4 share one W per stage. Twin: timm ``resnet50``."""
+    return _create_resnet('resnet50_pe', pretrained, **dict(_R50, **kwargs))
+
+
+@register_model
+def resnet50_pe_untied(pretrained: bool = False, **kwargs) -> ResNetPE:
+    """The ``resnet50_pe`` layout with the tie off: its own W1, W2 in every block of stages 3-4."""
+    return _create_resnet('resnet50_pe_untied', pretrained, **dict(_R50, tie='none', **kwargs))
+
+
+@register_model
+def resnet26_cifar(pretrained: bool = False, **kwargs) -> ResNetPE:
+    """Dense bottleneck ResNet-26 for 32-px images: 3×3 stem, widths 16/32/64/128, blocks 2/2/2/2."""
+    return _create_resnet('resnet26_cifar', pretrained, **dict(_R26_CIFAR, pe_stages=(), **kwargs))
+
+
+@register_model
+def resnet26_pe_cifar(pretrained: bool = False, **kwargs) -> ResNetPE:
+    """``resnet26_cifar`` with the authors' PE layout in stages 3-4."""
+    return _create_resnet('resnet26_pe_cifar', pretrained, **dict(_R26_CIFAR, **kwargs))
+
+
+@register_model
+def resnet26_pe_all_cifar(pretrained: bool = False, **kwargs) -> ResNetPE:
+    """``resnet26_cifar`` with all four stages PE."""
+    return _create_resnet('resnet26_pe_all_cifar', pretrained, **dict(_R26_CIFAR, pe_stages=(1, 2, 3, 4), **kwargs))

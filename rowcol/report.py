@@ -1,0 +1,52 @@
+"""Tables for the command line and the reports: params and MACs, PE next to dense."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import rowcol  # noqa: F401  (registers models)
+from rowcol.models import create_model, dense_twin, pe_models
+from rowcol.stats import count_macs, count_params, input_size_of
+
+__all__ = ['param_rows', 'format_table']
+
+
+def _measure(name: str, num_classes: Optional[int], img_size: Optional[int]) -> tuple[int, int]:
+    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    if img_size is not None:
+        kwargs['img_size'] = img_size
+    try:
+        model = create_model(name, **kwargs)
+    except TypeError:  # CNNs take any input size and have no img_size argument
+        kwargs.pop('img_size', None)
+        model = create_model(name, **kwargs)
+    return count_params(model), count_macs(model, input_size_of(model, img_size))
+
+
+def param_rows(models: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
+               img_size: Optional[int] = None) -> list[dict]:
+    """One dict per model: model, params, dense, dense_params, ratio, macs, dense_macs."""
+    rows = []
+    for name in models or pe_models():
+        params, macs = _measure(name, num_classes, img_size)
+        dense = dense_twin(name)
+        dense_params = dense_macs = ratio = None
+        if dense:
+            dense_params, dense_macs = _measure(dense, num_classes, img_size)
+            ratio = round(params / dense_params, 4)
+        rows.append(dict(model=name, params=params, dense=dense, dense_params=dense_params,
+                         ratio=ratio, macs=macs, dense_macs=dense_macs))
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return '-'
+    return f'{v:,}' if isinstance(v, int) else str(v)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A markdown table of ``param_rows`` output."""
+    head = ['model', 'params', 'dense', 'dense_params', 'ratio', 'macs', 'dense_macs']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    lines += ['| ' + ' | '.join(_fmt(r[k]) for k in head) + ' |' for r in rows]
+    return '\n'.join(lines)

@@ -1,0 +1,42 @@
+"""Parameter and MAC counts, done once for the whole package.
+
+Parameters are counted over ``model.parameters()``, which yields a shared Parameter once;
+counting over ``state_dict()`` would count an aliased weight once per name. MACs come from
+``torch.utils.flop_counter`` on a real forward pass (multiply-accumulates = FLOPs / 2), so a
+tied W costs what both of its uses cost.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ['count_params', 'count_macs', 'input_size_of']
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (a tied W counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def input_size_of(model: nn.Module, img_size: Optional[int] = None) -> tuple[int, int, int]:
+    """(C, H, W) from the model's pretrained cfg, with H = W = ``img_size`` when given."""
+    c, h, w = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
+    return (c, img_size, img_size) if img_size else (c, h, w)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: Optional[tuple[int, int, int]] = None) -> int:
+    """Multiply-accumulates of one forward pass on one image."""
+    input_size = input_size or input_size_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was_training)
+    return fc.get_total_flops() // 2
