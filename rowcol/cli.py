@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from rowcol.errors import RowcolError
@@ -25,7 +26,162 @@ def _add_params(sub) -> None:
     p.set_defaults(func=_cmd_params)
 
 
-_SUBCOMMANDS: list[Callable] = [_add_params]
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``); default None = not given."""
+    import dataclasses
+    import typing
+
+    from rowcol.config import FIELD_HELP, TrainConfig
+    hints = typing.get_type_hints(TrainConfig)
+    g = p.add_argument_group('run config (defaults come from --recipe; see rowcol/config.py)')
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        kind = hints[f.name]
+        optional = typing.get_origin(kind) is typing.Union
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+        kw: dict = dict(default=None, help=FIELD_HELP.get(f.name, ''), dest=f.name)
+        if base is bool:
+            kw['action'] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is dict or base is dict:
+            kw.update(type=json.loads, metavar='JSON')
+        else:
+            kw.update(type=base, metavar=f.name.split('_')[-1].upper())
+        g.add_argument(flag, **kw)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from rowcol.config import TrainConfig
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rowcol.train import resume_config, run_train
+    if args.resume:
+        cfg, output = resume_config(args.resume, _overrides(args)), args.resume
+    else:
+        from rowcol.config import resolve_config
+        overrides = _overrides(args)
+        overrides.pop('recipe', None)
+        cfg = resolve_config(args.recipe, **overrides)
+        output = args.output or f'runs/{cfg.model}-s{cfg.seed}'
+    return run_train(cfg, output, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser('train', help='train any registered model (dense or PE); torchrun for many processes')
+    p.add_argument('--output', help='run directory (default: runs/<model>-s<seed>); an existing run is refused')
+    p.add_argument('--resume', metavar='RUN_DIR', help='continue the run in RUN_DIR from its last checkpoint')
+    p.add_argument('--overwrite', action='store_true', help='replace the run files in --output')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    _config_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rowcol.evaluate import evaluate_run, plot_confusion
+    res = evaluate_run(args.checkpoint, args.data, weights=args.weights, split=args.split,
+                       batch_size=args.batch_size, device=args.device, progress=not args.json)
+    classes = list(res['per_class'])
+    if args.confusion != '':
+        path = args.confusion or str(Path(args.checkpoint) / 'confusion.png')
+        plot_confusion(res['confusion'], classes, path, title=f"{res['checkpoint']} on {res['data']}")
+        res['confusion_png'] = path
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{res['checkpoint']} ({res['weights']} weights) on {res['data']} [{res['split']}]: "
+          f"{res['num_images']} images")
+    print(f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
+    for c, acc in res['per_class'].items():
+        print(f'  {c:>20s} {acc:6.2f}%')
+    if 'confusion_png' in res:
+        print(f"confusion matrix: {res['confusion_png']}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser('eval', help='top-1/top-5/loss, per-class accuracy and a confusion matrix of a run')
+    p.add_argument('--checkpoint', required=True, metavar='RUN_DIR', help='run directory (rowcol train --output)')
+    p.add_argument('--data', required=True, help="folder of class folders, or 'digits' / 'cifar10' / 'cifar100'")
+    p.add_argument('--weights', default='last', choices=['last', 'best', 'ema'], help='which weights of the run')
+    p.add_argument('--split', default='auto', choices=['auto', 'val', 'all'],
+                   help="auto: the run's validation split when --data is its training data, else all images")
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--device', default=None)
+    p.add_argument('--confusion', default=None, metavar='PNG',
+                   help="where to write the confusion-matrix PNG (default RUN_DIR/confusion.png; '' for none)")
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rowcol.compare import compare, format_report
+    from rowcol.config import resolve_config
+    overrides = _overrides(args)
+    overrides.pop('recipe', None)
+    cfg = resolve_config(args.recipe, **overrides)
+    output = args.output or f'runs/compare-{cfg.model}-s{cfg.seed}'
+    report = compare(cfg, output, dense=args.dense, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.quiet, command='rowcol ' + ' '.join(sys.argv[1:]))
+    print(format_report(report))
+    print(f'report: {output}/report.md')
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser('compare', help='train a PE model and its dense twin with the same recipe, data and seed')
+    p.add_argument('--dense', help='the dense model (default: the PE model\'s registered twin)')
+    p.add_argument('--output', help='directory for dense/, pe/ and the report (default runs/compare-<model>-s<seed>)')
+    p.add_argument('--resume', action='store_true', help='continue unfinished runs in --output')
+    p.add_argument('--overwrite', action='store_true', help='replace the runs in --output')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    _config_flags(p)
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.data:
+        args.recipe = args.recipe or 'cifar_vit'
+        args.model = args.model or 'vit_pe_nano_patch4_32'
+        args.val_split = args.val_split or 0.1
+        args.epochs = args.epochs or 2
+    else:
+        args.recipe = 'digits'
+        args.model = args.model or 'vit_pe_micro_patch4_16'
+    if args.output is None:  # the demo's own directory is replaced on every demo run
+        args.output, args.overwrite = f'runs/demo-{args.model}', True
+    return _cmd_compare(args)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser('demo', help='compare on the bundled digits (about two minutes on 2 cores), or on --data')
+    p.add_argument('--dense', help=argparse.SUPPRESS)
+    p.add_argument('--output', help='directory (default runs/demo-<model>, replaced on each demo run)')
+    p.add_argument('--resume', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--overwrite', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    _config_flags(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_bench(sub) -> None:
+    from rowcol import bench
+    p = sub.add_parser('bench', help='img/s, latency and memory of a PE model next to its dense twin')
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
+
+def _add_export(sub) -> None:
+    from rowcol import export
+    p = sub.add_parser('export', help='ONNX (each shared W stored once) or safetensors file of a model or run')
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
+
+
+_SUBCOMMANDS: list[Callable] = [_add_params, _add_train, _add_eval, _add_compare, _add_demo, _add_bench, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

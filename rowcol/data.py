@@ -26,7 +26,6 @@ import os
 import pickle
 import struct
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from rowcol.checkpoint import atomic_write
 from rowcol.errors import BadImageError, ConfigError, DataError
 
 __all__ = [
@@ -167,7 +167,8 @@ def scan_image_folder(root: str | Path) -> Samples:
 
 def _reason(path: str | Path, err: Exception) -> str:
     if isinstance(err, Image.UnidentifiedImageError):
-        return 'empty file (0 bytes)' if os.path.getsize(path) == 0 else 'not a recognised image file'
+        empty = os.path.getsize(path) == 0
+        return 'empty file (0 bytes)' if empty else 'not a recognised image file'
     return str(err) or type(err).__name__
 
 
@@ -307,8 +308,9 @@ def decode_to_memory(samples: Samples, size: int | None = None, skip_bad: bool =
         raise DataError('no image files to decode')
     decoder = _Decoder(len(samples.paths), size, skip_bad, max_bad, background)
     labels: list[int] = []
-    for path, label in tqdm(zip(samples.paths, samples.labels), total=len(samples.paths),
-                            desc='decoding images', unit='img', disable=not progress):
+    pairs = zip(samples.paths, samples.labels, strict=True)
+    for path, label in tqdm(pairs, total=len(samples), desc='decoding images', unit='img',
+                            disable=not progress):
         if decoder.add(path):
             labels.append(label)
     return MemoryData(decoder.images(), torch.tensor(labels, dtype=torch.int64),
@@ -403,7 +405,7 @@ def _label_array(labels: Sequence[int] | torch.Tensor) -> np.ndarray:
 
 
 def _class_members(labels: np.ndarray, seed: int) -> Iterator[np.ndarray]:
-    """For each class in label order: its indices, shuffled by one generator seeded with ``seed``."""
+    """Per class (in label order), its indices shuffled by one generator seeded with ``seed``."""
     rng = np.random.default_rng(seed)
     for value in np.unique(labels):
         yield rng.permutation(np.flatnonzero(labels == value))
@@ -413,7 +415,7 @@ def _val_count(class_count: int, val_frac: float) -> int:
     """round(val_frac * n), but at least 1 and at most n - 1 when a class has n >= 2 items."""
     if class_count < 2:
         return 0
-    return min(max(round(val_frac * class_count), 0), class_count - 1)
+    return min(max(round(val_frac * class_count), 1), class_count - 1)
 
 
 def stratified_split(labels: Sequence[int] | torch.Tensor, val_frac: float,
@@ -458,20 +460,13 @@ def stratified_subset(labels: Sequence[int] | torch.Tensor, n: int, seed: int) -
 def save_split(path: str | Path, train_idx: Sequence[int], val_idx: Sequence[int], *,
                seed: int, val_frac: float, num_samples: int) -> None:
     """Write a train/val index split as JSON, atomically (temp file + ``os.replace``)."""
-    path = Path(path)
     record = {'seed': int(seed), 'val_frac': float(val_frac), 'num_samples': int(num_samples),
               'train': [int(i) for i in train_idx], 'val': [int(i) for i in val_idx]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(handle, 'w') as file:
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as file:
             json.dump(record, file, separators=(',', ':'))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def _split_problem(record: Any) -> str | None:

@@ -86,8 +86,12 @@ class TiedLinear(nn.Module):
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
 
     def conv_t(self, x: torch.Tensor) -> torch.Tensor:
-        # Wᵀ as a 1×1 conv: a (in, out, 1, 1) stride view of W, no stored copy.
-        return F.conv2d(x, self.weight.t()[:, :, None, None], self.bias_t)  # (B, out, H, W) -> (B, in, H, W)
+        # (B, out, H, W) -> (B, in, H, W). conv2d would copy the strided Wᵀ view to a contiguous
+        # weight on every call (forward and backward); channels_last input is (B, H, W, out) in
+        # memory, so a linear over its last dim applies Wᵀ with no copy and stays channels_last.
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.t(), self.bias_t).permute(0, 3, 1, 2)
+        return F.conv2d(x, self.weight.t()[:, :, None, None], self.bias_t)
 
     def extra_repr(self) -> str:
         return (f'in_features={self.in_features}, out_features={self.out_features}, '

@@ -12,13 +12,7 @@ __all__ = ['param_rows', 'format_table']
 
 def _measure(name: str, num_classes: Optional[int], img_size: Optional[int]) -> tuple[int, int]:
     kwargs = {} if num_classes is None else {'num_classes': num_classes}
-    if img_size is not None:
-        kwargs['img_size'] = img_size
-    try:
-        model = create_model(name, **kwargs)
-    except TypeError:  # CNNs take any input size and have no img_size argument
-        kwargs.pop('img_size', None)
-        model = create_model(name, **kwargs)
+    model = create_model(name, img_size=img_size, **kwargs)
     return count_params(model), count_macs(model, input_size_of(model, img_size))
 
 

@@ -199,7 +199,8 @@ def test_load_image_palette(tmp_path: Path) -> None:
     assert loaded[0].tolist() == [[255, 0, 0], [0, 255, 0]]
     palette.info['transparency'] = 0
     see_through = _save(tmp_path / 'pt.png', palette)
-    assert Image.open(see_through).info.get('transparency') == 0
+    with Image.open(see_through) as reopened:
+        assert reopened.info.get('transparency') == 0
     loaded = np.asarray(load_image(see_through, background=(1, 2, 3)))
     assert loaded[0].tolist() == [[1, 2, 3], [0, 255, 0]]
 
@@ -207,7 +208,8 @@ def test_load_image_palette(tmp_path: Path) -> None:
 def test_load_image_sixteen_bit_scaled_not_clipped(tmp_path: Path) -> None:
     values = np.array([[65535, 32768, 257, 0]], dtype=np.uint16)
     path = _save(tmp_path / 'deep.png', Image.fromarray(values))
-    assert Image.open(path).mode.startswith('I')
+    with Image.open(path) as reopened:
+        assert reopened.mode.startswith('I')
     loaded = np.asarray(load_image(path))
     assert loaded[0, :, 0].tolist() == [255, 128, 1, 0]
     assert (loaded == loaded[..., :1]).all()

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from rowcol.errors import ModelNameError
 
-__all__ = ['PeSpec', 'register_pe', 'pe_spec', 'pe_models', 'dense_twin', 'create_model']
+__all__ = ['PeSpec', 'register_pe', 'pe_spec', 'pe_models', 'dense_twin', 'create_model', 'check_model_name',
+           'model_defaults']
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,34 @@ def dense_twin(name: str) -> Optional[str]:
     return spec.dense if spec else None
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` with a clear error (and close names) for an unknown model."""
+def check_model_name(name: str) -> None:
+    """Raise ``ModelNameError`` (with close names) unless ``name`` is in timm's registry."""
     if not timm.is_model(name):
         names = list(dict.fromkeys(pe_models() + timm.list_models()))
         close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else '; `rowcol params` lists the PE models'
         raise ModelNameError(f"unknown model '{name}'{hint}")
+
+
+def model_defaults(name: str) -> dict:
+    """The model's pretrained cfg (input_size, mean, std, ...) as a dict, without building it."""
+    check_model_name(name)
+    cfg = timm.get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else {'input_size': (3, 224, 224), 'mean': (0.485, 0.456, 0.406),
+                                                  'std': (0.229, 0.224, 0.225)}
+
+
+def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with a clear error for an unknown name.
+
+    ``img_size`` goes to models that take it (ViTs fix their position embedding to it);
+    CNNs take any size and ignore it.
+    """
+    check_model_name(name)
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise
     return timm.create_model(name, **kwargs)

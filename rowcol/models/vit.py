@@ -17,8 +17,7 @@ comparison changes nothing but the tie. Builder kwargs for ablations:
 * ``tie_mlp=False``: an untied timm ``Mlp``.
 
 Deviations from the paper: weight init is timm's (truncated normal, std 0.02) for W as for
-the dense twin's Linear layers; the 32-px models (patch 4 on CIFAR-sized images, patch 2 on
-16-px digits) are rowcol's CPU-sized additions, not the paper's.
+the dense twin's Linear layers; the small-image models (32-px CIFAR, 16-px upsampled digits) are rowcol's CPU-sized additions, not the paper's.
 """
 from __future__ import annotations
 
@@ -79,8 +78,8 @@ default_cfgs = generate_default_cfgs({
     'vit_pe_nano_patch4_32': _cfg(**_cifar),
     'vit_small_patch4_32': _cfg(**_cifar),
     'vit_pe_small_patch4_32': _cfg(**_cifar),
-    'vit_micro_patch2_16': _cfg(**dict(_cifar, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)),
-    'vit_pe_micro_patch2_16': _cfg(**dict(_cifar, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)),
+    'vit_micro_patch4_16': _cfg(**dict(_cifar, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)),
+    'vit_pe_micro_patch4_16': _cfg(**dict(_cifar, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)),
 })
 
 # Architectures. ImageNet sizes are timm's; the small-image sizes are rowcol's.
@@ -89,7 +88,7 @@ _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12)
 _P4_32 = dict(patch_size=4, img_size=32)
-_MICRO = dict(patch_size=2, img_size=16, embed_dim=96, depth=4, num_heads=3)
+_MICRO = dict(patch_size=4, img_size=16, embed_dim=96, depth=4, num_heads=3)
 
 # name: (dense twin, exact params at the default cfg, params with num_classes=0)
 register_pe('vit_pe_tiny_patch16_224', 'vit_tiny_patch16_224', 3_063_208, 2_870_208, 5_717_416)
@@ -98,7 +97,7 @@ register_pe('vit_pe_base_patch16_224', 'vit_base_patch16_224', 44_100_328, 43_33
 register_pe('vit_pe_nano_patch4_32', 'vit_nano_patch4_32', 616_074, 614_784, 1_205_898)
 register_pe('vit_pe_tiny_patch4_32', 'vit_tiny_patch4_32', 2_708_554, 2_706_624, 5_362_762)
 register_pe('vit_pe_small_patch4_32', 'vit_small_patch4_32', 10_725_514, 10_721_664, 21_342_346)
-register_pe('vit_pe_micro_patch2_16', 'vit_micro_patch2_16', 234_922, 233_952, 456_106)
+register_pe('vit_pe_micro_patch4_16', 'vit_micro_patch4_16', 233_770, 232_800, 454_954)
 
 
 @register_model
@@ -156,12 +155,12 @@ def vit_pe_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransfor
 
 
 @register_model
-def vit_micro_patch2_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def vit_micro_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Dense demo ViT (dim 96, depth 4) for 16-px images such as upsampled 8×8 digits."""
-    return _create_vit('vit_micro_patch2_16', pretrained, pe=False, **dict(_MICRO, **kwargs))
+    return _create_vit('vit_micro_patch4_16', pretrained, pe=False, **dict(_MICRO, **kwargs))
 
 
 @register_model
-def vit_pe_micro_patch2_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """PE demo ViT: twin of ``vit_micro_patch2_16``."""
-    return _create_vit('vit_pe_micro_patch2_16', pretrained, **dict(_MICRO, **kwargs))
+def vit_pe_micro_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """PE demo ViT: twin of ``vit_micro_patch4_16``."""
+    return _create_vit('vit_pe_micro_patch4_16', pretrained, **dict(_MICRO, **kwargs))

@@ -1,0 +1,151 @@
+"""Run directories and checkpoints: atomic writes, safetensors weights, weights_only state.
+
+A run directory holds::
+
+    config.json            the resolved TrainConfig (plus classes)
+    model.safetensors      last weights; every shared W stored once, loads with strict=True
+    model_best.safetensors weights of the best validation top-1 so far
+    model_ema.safetensors  EMA weights, when EMA is on
+    train_state.pt         optimizer, scheduler, EMA, epoch, step, RNG states (weights_only=True)
+    split.json             the validation split, so ``rowcol eval`` can reuse it
+    metrics.jsonl          one line per epoch
+    curves.png             loss / accuracy curves
+
+Every file is written to a temporary name in the same directory and renamed into place,
+so a kill at any instant leaves the previous checkpoint loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from rowcol.errors import CheckpointError
+
+__all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights',
+           'save_state', 'load_state', 'load_run', 'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG']
+
+CONFIG = 'config.json'
+WEIGHTS = 'model.safetensors'
+BEST = 'model_best.safetensors'
+EMA = 'model_ema.safetensors'
+STATE = 'train_state.pt'
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool = True) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, rename it to ``path``.
+
+    With ``overwrite=False`` an existing ``path`` (even one that appeared while writing) is
+    never replaced: ``FileExistsError``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run directory is meant to be shared
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists: never clobbers a file that appeared meanwhile
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2)
+            f.write('\n')
+    atomic_write(path, write)
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: file not found') from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path}: not valid JSON ({e})') from None
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors file of ``model``'s state; ``save_model`` keeps one copy of any shared tensor."""
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Strict load; a file that does not fit the model is a ``CheckpointError`` naming the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: weights file not found')
+    try:
+        missing, unexpected = load_model(model, path, strict=False)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from None
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f'{path}: does not fit the model: {_first_line(e)}') from None
+    if missing or unexpected:
+        raise CheckpointError(f'{path}: does not fit the model: missing keys {sorted(missing)[:5]}, '
+                              f'unexpected keys {sorted(unexpected)[:5]}')
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return ' '.join(lines[:3])
+
+
+def save_state(state: dict, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path) -> dict:
+    """Training state; tensors and plain Python only (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: training state not found (is this a run directory?)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "unusable file"
+        raise CheckpointError(f'{path}: cannot load training state ({_first_line(e)})') from None
+
+
+def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]:
+    """Build the model of a run directory and load its weights (``which``: last, best or ema).
+
+    Returns the model in eval mode and the run's config dict.
+    """
+    from rowcol.models import create_model
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f'{run_dir}: not a run directory')
+    files = {'last': WEIGHTS, 'best': BEST, 'ema': EMA}
+    if which not in files:
+        raise CheckpointError(f"unknown weights '{which}', expected one of {sorted(files)}")
+    cfg_path = run_dir / CONFIG
+    config = read_json(cfg_path)
+    if not isinstance(config, dict) or not isinstance(config.get('model'), str):
+        raise CheckpointError(f"{cfg_path}: needs a string 'model' key")
+    kwargs = config.get('model_kwargs') or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{cfg_path}: 'model_kwargs' must be an object")
+    if config.get('num_classes') is not None:
+        kwargs = {**kwargs, 'num_classes': int(config['num_classes'])}
+    try:
+        model = create_model(config['model'], img_size=config.get('img_size'), **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot build {config['model']} ({e})") from None
+    load_weights(model, run_dir / files[which])
+    return model.eval(), config

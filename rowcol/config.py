@@ -1,0 +1,216 @@
+"""A training run as typed config: defaults, recipes, and strict merging of overrides.
+
+``resolve_config(recipe, **overrides)`` starts from :class:`TrainConfig` defaults, applies a
+recipe, then the user's values; an unknown key is a :class:`~rowcol.errors.ConfigError`
+that names it. The resolved config is written to the run directory as ``config.json`` and
+read back (again strictly) on ``--resume`` and by ``rowcol eval``.
+
+Learning rate: ``lr`` when given, else ``base_lr * batch_size / lr_base_size`` (the linear
+scaling rule of the DeiT and ResNet recipes), computed from the global batch size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from rowcol.errors import ConfigError
+
+__all__ = ['TrainConfig', 'RECIPES', 'FIELD_HELP', 'RESUMABLE', 'resolve_config', 'config_from_dict']
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    model: str = 'vit_pe_nano_patch4_32'
+    data: str = 'digits'            # ImageFolder root, 'digits', 'cifar10' or 'cifar100'
+    val_data: Optional[str] = None  # a separate validation ImageFolder
+    val_split: Optional[float] = None  # fraction held out (stratified, seeded) when no val data
+    subset: Optional[int] = None    # train on a stratified subset of this many images
+    img_size: Optional[int] = None  # default: the model's
+    in_memory: Optional[bool] = None  # decode once into RAM; default: images of <= 64 px
+    skip_bad_images: bool = False
+    max_bad_images: int = 100
+    workers: int = 2                # DataLoader workers for streamed (not in-memory) data
+    # recipe
+    recipe: str = 'cifar_vit'
+    epochs: int = 30
+    batch_size: int = 128           # global, over all processes
+    opt: str = 'adamw'
+    lr: Optional[float] = None
+    base_lr: float = 1e-3
+    lr_base_size: int = 512
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    sched: str = 'cosine'
+    warmup_epochs: float = 2
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    auto_augment: Optional[str] = None  # timm string, e.g. 'rand-m9-mstd0.5'
+    crop_padding: int = 4           # padded random crop (small images) / RandomResizedCrop (large)
+    hflip: float = 0.5
+    reprob: float = 0.0             # random erasing probability
+    drop_path: float = 0.0
+    ema_decay: Optional[float] = None
+    clip_grad: Optional[float] = None
+    # execution
+    amp: str = 'none'               # none | bf16 | fp16 (CUDA only)
+    channels_last: Optional[bool] = None  # default: on for CNNs
+    compile: bool = False
+    grad_checkpointing: bool = False
+    device: Optional[str] = None    # default: cuda if available
+    seed: int = 0
+    max_nonfinite: int = 5          # this many non-finite losses in a row abort the run
+    save_every_steps: int = 0       # also checkpoint every N steps (0: once per epoch)
+    max_steps: Optional[int] = None  # stop (with a resumable checkpoint) after this many steps
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def scaled_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / self.lr_base_size
+
+    def validate(self) -> 'TrainConfig':
+        checks = [
+            (self.epochs >= 1, 'epochs must be >= 1'),
+            (self.batch_size >= 1, 'batch_size must be >= 1'),
+            (self.val_split is None or 0 < self.val_split < 1, 'val_split must be in (0, 1)'),
+            (self.subset is None or self.subset > 0, 'subset must be > 0'),
+            (self.amp in ('none', 'bf16', 'fp16'), f"amp must be none, bf16 or fp16, got '{self.amp}'"),
+            (self.recipe in RECIPES, f"unknown recipe '{self.recipe}', expected one of {sorted(RECIPES)}"),
+            (self.max_nonfinite >= 1, 'max_nonfinite must be >= 1'),
+            (0 <= self.hflip <= 1 and 0 <= self.reprob <= 1, 'hflip and reprob are probabilities'),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+FIELD_HELP = {
+    'model': 'timm model name, e.g. vit_pe_nano_patch4_32 (rowcol params lists the PE models)',
+    'data': "ImageFolder root (class folders, or train/ and val/ inside), or 'digits', 'cifar10', 'cifar100'",
+    'val_data': 'a separate validation ImageFolder',
+    'val_split': 'hold out this fraction of --data for validation (stratified, seeded, saved as split.json)',
+    'subset': 'train on a stratified subset of N images',
+    'img_size': "input size (default: the model's)",
+    'in_memory': 'decode the dataset once into RAM (default: when images are <= 64 px)',
+    'skip_bad_images': 'skip unreadable image files (listed in skipped_images.json) instead of stopping',
+    'max_bad_images': 'with --skip-bad-images, stop if more files than this are bad',
+    'workers': 'DataLoader workers for streamed data',
+    'recipe': 'deit | resnet | cifar_vit | cifar_resnet | digits (rowcol/config.py documents each)',
+    'epochs': 'epochs to train', 'batch_size': 'global batch size (over all processes)',
+    'opt': 'timm optimizer name (adamw, nesterov, sgd, ...)',
+    'lr': 'learning rate (default: base_lr x batch_size / lr_base_size)',
+    'base_lr': 'learning rate at lr_base_size', 'lr_base_size': 'batch size that base_lr is for',
+    'weight_decay': 'weight decay (never on norms, biases, embeddings)', 'momentum': 'SGD momentum',
+    'sched': 'timm scheduler name', 'warmup_epochs': 'linear warm-up epochs', 'warmup_lr': 'warm-up start lr',
+    'min_lr': 'final lr of the schedule', 'label_smoothing': 'label smoothing',
+    'mixup': 'Mixup alpha (0: off)', 'cutmix': 'CutMix alpha (0: off)',
+    'auto_augment': "timm auto-augment string, e.g. 'rand-m9-mstd0.5'",
+    'crop_padding': 'padding of the random crop of small images', 'hflip': 'horizontal flip probability',
+    'reprob': 'random erasing probability', 'drop_path': 'stochastic depth rate',
+    'ema_decay': 'keep an EMA of the weights with this decay (e.g. 0.9998)',
+    'clip_grad': 'clip the gradient norm to this value',
+    'amp': 'none | bf16 (CPU and GPU) | fp16 (GPU, with GradScaler)',
+    'channels_last': 'channels_last memory format (default: on for CNNs)', 'compile': 'torch.compile the model',
+    'grad_checkpointing': 'non-reentrant activation checkpointing', 'device': 'cpu | cuda (default: cuda if present)',
+    'seed': 'seed of the run (init, data order, augmentation, split)',
+    'max_nonfinite': 'abort after this many non-finite losses in a row',
+    'save_every_steps': 'also write a resumable checkpoint every N steps',
+    'max_steps': 'stop after N steps in total, with a resumable checkpoint',
+    'model_kwargs': 'extra model arguments as JSON, e.g. \'{"attn_form": "vo"}\'',
+}
+# What --resume may change; anything else would make the continued run a different run.
+RESUMABLE = frozenset({'epochs', 'max_steps', 'save_every_steps', 'workers', 'device', 'max_nonfinite'})
+
+
+def deit() -> dict:
+    """DeiT (Touvron et al. 2021) for ImageNet-sized ViTs.
+
+    ``rowcol train --recipe deit --model vit_pe_small_patch16_224 --data IMAGENET --epochs 300``;
+    needs GPUs (timm reports 79.9% top-1 for the dense ViT-S/16 with this recipe; rowcol has not
+    run it).
+    """
+    return dict(opt='adamw', base_lr=5e-4, lr_base_size=512, weight_decay=0.05, sched='cosine',
+                warmup_epochs=5, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
+                auto_augment='rand-m9-mstd0.5-inc1', reprob=0.25, drop_path=0.1, epochs=300,
+                batch_size=1024)
+
+
+def resnet() -> dict:
+    """ResNet (Goyal et al. 2017 linear scaling): SGD+nesterov, lr 0.1 x bs/256, wd 1e-4 (none on
+    norms and biases), cosine with warm-up, label smoothing 0.1.
+
+    ``rowcol train --recipe resnet --model resnet50_pe --data IMAGENET --epochs 90``; needs GPUs,
+    not run by rowcol yet.
+    """
+    return dict(opt='nesterov', base_lr=0.1, lr_base_size=256, weight_decay=1e-4, momentum=0.9,
+                sched='cosine', warmup_epochs=5, label_smoothing=0.1, epochs=90, batch_size=256)
+
+
+def cifar_vit() -> dict:
+    """CPU-sized ViT on 32-px CIFAR: AdamW lr 1e-3 x bs/512, padded crop + flip, label smoothing.
+
+    ``rowcol train --recipe cifar_vit --model vit_pe_nano_patch4_32 --data ../shared/data/cifar10/train
+    --val-split 0.1``; accuracy and runtime on 2 cores are reported in docs/RESULTS.md.
+    """
+    return dict(opt='adamw', base_lr=1e-3, lr_base_size=512, weight_decay=0.05, sched='cosine',
+                warmup_epochs=2, label_smoothing=0.1, crop_padding=4, hflip=0.5, epochs=30,
+                batch_size=128)
+
+
+def cifar_resnet() -> dict:
+    """CPU-sized bottleneck ResNet on 32-px CIFAR: SGD+nesterov lr 0.2 x bs/256, wd 5e-4.
+
+    ``rowcol train --recipe cifar_resnet --model resnet26_pe_cifar --data ../shared/data/cifar10/train
+    --val-split 0.1``; accuracy and runtime on 2 cores are reported in docs/RESULTS.md.
+    """
+    return dict(opt='nesterov', base_lr=0.2, lr_base_size=256, weight_decay=5e-4, momentum=0.9,
+                sched='cosine', warmup_epochs=1, label_smoothing=0.1, crop_padding=4, hflip=0.5,
+                epochs=25, batch_size=128)
+
+
+def digits() -> dict:
+    """scikit-learn's bundled 8x8 digits upsampled to 16 px, for the demo (no files needed).
+
+    ``rowcol demo`` trains ``vit_micro_patch4_16`` and ``vit_pe_micro_patch4_16`` with it.
+    No flips (digits are not mirror-symmetric), 1-px padded crops.
+    """
+    return dict(data='digits', opt='adamw', base_lr=2e-3, lr_base_size=32, weight_decay=0.05,
+                sched='cosine', warmup_epochs=1, label_smoothing=0.1, crop_padding=1, hflip=0.0,
+                epochs=30, batch_size=32, val_split=0.2)
+
+
+RECIPES: dict[str, Callable[[], dict]] = {
+    'deit': deit, 'resnet': resnet, 'cifar_vit': cifar_vit, 'cifar_resnet': cifar_resnet, 'digits': digits,
+}
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(d: dict, where: str) -> None:
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _FIELDS, n=1)) else k
+                 for k in unknown]
+        raise ConfigError(f"{where}: unknown config key(s): {', '.join(hints)}")
+
+
+def resolve_config(recipe: Optional[str] = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe, then ``overrides`` (``None`` values mean "not given")."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(overrides, 'overrides')
+    recipe = recipe or TrainConfig.recipe
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe '{recipe}', expected one of {sorted(RECIPES)}")
+    values = {**RECIPES[recipe](), **overrides, 'recipe': recipe}
+    return TrainConfig(**values).validate()
+
+
+def config_from_dict(d: dict, where: str = 'config') -> TrainConfig:
+    """A config read back from JSON; keys written by rowcol besides the config are ignored."""
+    d = {k: v for k, v in d.items() if k not in ('classes', 'num_classes', 'rowcol_version', 'world_size')}
+    _check_keys(d, where)
+    return TrainConfig(**d).validate()

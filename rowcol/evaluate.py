@@ -1,0 +1,90 @@
+"""``rowcol eval``: score a run directory on a folder of class folders.
+
+Reuses the run's validation split (``split.json``) when ``--data`` is the run's own training
+data, so the numbers match the ones logged in training; any other folder is scored whole.
+Class names must match the checkpoint's, in order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from rowcol import checkpoint as ckpt
+from rowcol.data import load_split
+from rowcol.errors import DataError
+from rowcol.models import model_defaults
+from rowcol.pipeline import NAMED, build_eval_data
+from rowcol.train import evaluate, load_run_config
+
+__all__ = ['evaluate_run', 'plot_confusion']
+
+
+def _same_data(a: str, b: str) -> bool:
+    if a in NAMED or b in NAMED:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: str = 'auto',
+                 batch_size: Optional[int] = None, device: Optional[str] = None, progress: bool = False) -> dict:
+    """top1, top5, loss, num_images, per_class (class -> top-1 %) and the confusion matrix."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    model, config = ckpt.load_run(run_dir, weights)
+    if split not in ('auto', 'val', 'all'):
+        raise DataError(f"--split must be auto, val or all, got '{split}'")
+    indices, used = None, 'all'
+    split_file = run_dir / 'split.json'
+    if split == 'val' or (split == 'auto' and split_file.exists() and _same_data(data, cfg.data)):
+        if not split_file.exists():
+            raise DataError(f'{split_file}: the run has no saved validation split')
+        record = load_split(split_file)
+        indices, used = record['val'], 'val'
+    if batch_size:
+        cfg.batch_size = batch_size
+    defaults = model_defaults(cfg.model)
+    img_size = cfg.img_size or defaults['input_size'][-1]
+    loader, classes = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], indices,
+                                      progress=progress)
+    if indices is not None and loader.num_images != len(indices):
+        raise DataError(f'{data}: does not match the split in {split_file}')
+    if classes != config['classes']:
+        extra = sorted(set(classes) - set(config['classes']))
+        missing = sorted(set(config['classes']) - set(classes))
+        raise DataError(f'{data}: classes do not match the checkpoint {run_dir} '
+                        f'(not in checkpoint: {extra[:5]}, missing: {missing[:5]}'
+                        f'{", same names in another order" if not extra and not missing else ""})')
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model.to(dev)
+    res = evaluate(model, loader, dev, cfg.amp, num_classes=len(classes), progress=progress)
+    conf = res.pop('confusion')
+    totals = conf.sum(1).clamp(min=1)
+    res['per_class'] = {c: round(100 * conf[i, i].item() / totals[i].item(), 2) for i, c in enumerate(classes)}
+    res.update(split=used, weights=weights, checkpoint=str(run_dir), data=str(data))
+    res['confusion'] = conf.tolist()
+    return res
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = '') -> None:
+    """Row-normalised confusion matrix as a PNG (rows: true class, columns: predicted)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    c = torch.tensor(confusion, dtype=torch.float64)
+    norm = c / c.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    fig = Figure(figsize=(1 + 0.5 * n, 0.8 + 0.45 * n))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(norm.numpy(), cmap='Blues', vmin=0, vmax=1)
+    if n <= 20:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(c[i, j]), ha='center', va='center', fontsize=7,
+                        color='white' if norm[i, j] > 0.5 else 'black')
+    ax.set(xlabel='predicted', ylabel='true', title=title)
+    fig.tight_layout()
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))

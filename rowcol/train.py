@@ -1,0 +1,448 @@
+"""Training and evaluation: one loop that reads top to bottom.
+
+``train(cfg, output)`` builds data, model, optimizer (timm ``create_optimizer_v2``: each
+Parameter, so each shared W, sits in exactly one group), scheduler (timm, stepped per update),
+optional EMA (timm ``ModelEmaV3`` over parameters, so a shared W is averaged once), and runs
+``train_one_epoch`` / ``evaluate`` per epoch. Under ``torchrun`` it uses DDP (gloo on CPU,
+nccl on GPU) with metrics all-reduced and only rank 0 writing. Checkpoints are atomic
+(see :mod:`rowcol.checkpoint`); SIGTERM / Ctrl-C finish the current step, write a resumable
+checkpoint and stop. A non-finite loss skips the step on every rank; ``max_nonfinite`` in a
+row raise :class:`~rowcol.errors.NonFiniteLossError` with the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+import rowcol
+from rowcol import checkpoint as ckpt
+from rowcol.config import RESUMABLE, TrainConfig, config_from_dict
+from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
+from rowcol.models import create_model, model_defaults
+from rowcol.pipeline import build_data, seed_step_rngs
+
+__all__ = ['train', 'run_train', 'train_one_epoch', 'evaluate', 'TrainResult', 'Stop', 'load_run_config',
+           'resume_config']
+
+RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST, ckpt.EMA, ckpt.STATE, 'split.json', 'metrics.jsonl', 'curves.png')
+
+
+# ---------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    want_cuda = (device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+    if world == 1:
+        return Dist(), torch.device(device or ('cuda' if want_cuda else 'cpu'))
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if want_cuda else 'gloo')
+    if want_cuda:
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), world, local), torch.device(f'cuda:{local}' if want_cuda else 'cpu')
+
+
+def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------- run directory
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str                       # finished | stopped (max_steps) | interrupted
+    step_losses: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+
+
+class Stop:
+    """Set by SIGTERM/SIGINT; the loop checks it after every step."""
+    signum: Optional[int] = None
+
+
+@contextmanager
+def _stop_on_signals():
+    Stop.signum = None
+    handler = lambda signum, frame: setattr(Stop, 'signum', signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
+    exists = output.exists() and any(output.iterdir())
+    if resume:
+        if not (output / ckpt.STATE).is_file():
+            raise CheckpointError(f'{output}: nothing to resume (no {ckpt.STATE})')
+        return
+    if exists and not overwrite:
+        raise RunExistsError(f'{output} already holds a run; pass --resume {output} to continue it '
+                             f'or --overwrite to replace it')
+    output.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # --overwrite replaces rowcol's files only, never other files there
+        (output / name).unlink(missing_ok=True)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f'{run_dir}: run directory not found')
+    return config_from_dict(ckpt.read_json(run_dir / ckpt.CONFIG), str(run_dir / ckpt.CONFIG))
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
+    """The saved config of ``run_dir`` with the few changes a resumed run may take."""
+    cfg = load_run_config(run_dir)
+    for key, value in overrides.items():
+        if key in RESUMABLE:
+            setattr(cfg, key, value)
+        elif getattr(cfg, key) != value:
+            raise ConfigError(f'--{key.replace("_", "-")} cannot change on --resume (run has {getattr(cfg, key)!r}); '
+                              f'only {", ".join(sorted(RESUMABLE))} can')
+    return cfg.validate()
+
+
+def run_train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> int:
+    """``train`` for the command line: a message and an exit code for each way a run ends."""
+    result = train(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
+    if result.status == 'interrupted':
+        print(f'interrupted: checkpoint written; continue with: rowcol train --resume {result.run_dir}')
+        return 128 + (Stop.signum or signal.SIGINT)
+    if result.status == 'stopped':
+        print(f'stopped after {cfg.max_steps} steps; continue with: rowcol train --resume {result.run_dir} --max-steps N')
+    else:
+        print(f'finished: {result.run_dir}')
+    return 0
+
+
+# ---------------------------------------------------------------------------- steps
+
+def compute_loss(criterion: nn.Module, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return criterion(output.float(), target)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == 'none':
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainConfig, state: dict,
+                    device: torch.device, d: Dist, ema=None, mixup=None, erasing=None, scaler=None,
+                    save=None, progress: bool = True) -> dict:
+    """One epoch from ``state['batch']``; ``state`` (epoch, batch, step, sums) is updated in place."""
+    model.train()
+    epoch = state['epoch']
+    channels_last = cfg.channels_last
+    bar = tqdm(total=len(loader), initial=state['batch'], desc=f'epoch {epoch + 1}/{cfg.epochs}',
+               disable=not (progress and d.main), unit='batch', dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for x, y in loader.batches(epoch, state['batch']):
+        seed_step_rngs(cfg.seed, epoch, state['batch'], d.rank)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if erasing is not None:
+            x = erasing(x)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with _autocast(device, cfg.amp):
+            loss = compute_loss(criterion, model(x), y)
+        finite = all_reduce_sum([float(torch.isfinite(loss))], d, device)[0] == d.world
+        if finite:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+            if scaler is not None:
+                scaler.update()
+            if ema is not None:
+                ema.update(model, step=state['step'])
+            state['nonfinite'] = 0
+        else:
+            state['nonfinite'] += 1
+            if state['nonfinite'] >= cfg.max_nonfinite:
+                bar.close()
+                raise NonFiniteLossError(
+                    f'{state["nonfinite"]} non-finite losses in a row (epoch {epoch + 1}, batch {state["batch"]}); '
+                    'stopped without saving, the last good checkpoint is intact; try a lower --lr or --clip-grad')
+        state['step'] += 1
+        state['batch'] += 1
+        scheduler.step_update(num_updates=state['step'])
+        loss_value = loss.item()
+        state['losses'].append(loss_value)
+        n = all_reduce_sum([loss_value * len(y) if finite else 0., float(len(y)) if finite else 0.], d, device)
+        state['loss_sum'] += n[0]
+        state['count'] += n[1]
+        elapsed = state['seconds'] + time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
+                        img_s=f'{state["count"] / max(elapsed, 1e-9):.0f}')
+        stop = Stop.signum is not None or (cfg.max_steps is not None and state['step'] >= cfg.max_steps)
+        if stop or (cfg.save_every_steps and state['step'] % cfg.save_every_steps == 0):
+            state['seconds'] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save(state)
+            if stop:
+                break
+    state['seconds'] += time.perf_counter() - t0
+    bar.close()
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = 'none', d: Dist = Dist(),
+             num_classes: Optional[int] = None, channels_last: bool = False, progress: bool = False) -> dict:
+    """Loss, top-1, top-5 (percent) over the whole loader; a confusion matrix if ``num_classes``."""
+    model.eval()
+    sums = [0., 0., 0., 0.]  # loss, top1, top5, n
+    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.long)
+    for x, y in tqdm(loader.batches(), total=len(loader), desc='eval', disable=not (progress and d.main)):
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            out = model(x).float()
+        k = min(5, out.shape[1])
+        topk = out.topk(k, dim=1).indices  # (B, k)
+        hit = topk == y[:, None]
+        sums[0] += F.cross_entropy(out, y, reduction='sum').item()
+        sums[1] += hit[:, 0].sum().item()
+        sums[2] += hit.any(1).sum().item()
+        sums[3] += len(y)
+        if num_classes:
+            confusion += torch.bincount(y.cpu() * num_classes + topk[:, 0].cpu(),
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+    sums = all_reduce_sum(sums, d, device)
+    if d.world > 1 and num_classes:
+        confusion = confusion.to(device)
+        dist.all_reduce(confusion)
+        confusion = confusion.cpu()
+    n = max(sums[3], 1)
+    result = dict(loss=sums[0] / n, top1=100 * sums[1] / n, top5=100 * sums[2] / n, num_images=int(sums[3]))
+    if num_classes:
+        result['confusion'] = confusion
+    return result
+
+
+# ---------------------------------------------------------------------------- state
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'cached': float(cached)}}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s['torch'])
+    random.setstate(s['python'])
+    n = s['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+
+
+def _plot_curves(run_dir: Path, rows: list[dict]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ep = [r['epoch'] for r in rows]
+    ax1.plot(ep, [r['train_loss'] for r in rows], label='train')
+    if rows[0].get('val_loss') is not None:
+        ax1.plot(ep, [r['val_loss'] for r in rows], label='val')
+        ax2.plot(ep, [r['val_top1'] for r in rows], label='val top-1')
+    ax1.set(xlabel='epoch', ylabel='loss')
+    ax2.set(xlabel='epoch', ylabel='accuracy (%)')
+    for a in (ax1, ax2):
+        a.grid(alpha=.3)
+        a.legend()
+    fig.tight_layout()
+    ckpt.atomic_write(run_dir / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / 'metrics.jsonl'
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------- train
+
+def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train ``cfg`` into the run directory ``output`` (or continue it with ``resume``)."""
+    output = Path(output)
+    d, device = init_distributed(cfg.device)
+    if d.main:
+        prepare_run_dir(output, resume, overwrite)
+    if cfg.amp == 'fp16' and device.type != 'cuda':
+        raise ConfigError('--amp fp16 needs a CUDA device; use --amp bf16 on CPU')
+    torch.manual_seed(cfg.seed)
+
+    defaults = model_defaults(cfg.model)  # input size and normalisation of the model
+    img_size = cfg.img_size or defaults['input_size'][-1]
+    data = build_data(cfg, img_size, defaults['mean'], defaults['std'], d.rank, d.world,
+                      progress=progress and d.main)
+    num_classes = len(data.classes)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
+                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+    if cfg.channels_last is None:
+        cfg.channels_last = not hasattr(model, 'patch_embed')  # CNNs run faster channels_last
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.scaled_lr(), weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                                       min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=len(data.train))
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, exclude_buffers=True) if cfg.ema_decay else None
+    scaler = torch.amp.GradScaler('cuda') if cfg.amp == 'fp16' else None
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    erasing = RandomErasing(cfg.reprob, mode='pixel', device=str(device)) if cfg.reprob > 0 and \
+        hasattr(data.train, 'data') else None  # streamed data erases inside its transform
+
+    state = dict(epoch=0, batch=0, step=0, best_top1=-1., nonfinite=0, loss_sum=0., count=0., seconds=0.)
+    if resume:
+        saved = ckpt.load_state(output / ckpt.STATE)
+        model.load_state_dict(saved['model'])
+        optimizer.load_state_dict(saved['optimizer'])
+        scheduler.load_state_dict(saved['scheduler'])
+        if ema is not None and saved.get('ema') is not None:
+            ema.module.load_state_dict(saved['ema'])
+        if scaler is not None and saved.get('scaler'):
+            scaler.load_state_dict(saved['scaler'])
+        _set_rng_state(saved['rng'])
+        state.update(saved['loop'])
+    state['losses'] = []
+
+    train_model = model
+    if d.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if device.type == 'cuda' else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    meta = {'model': cfg.model, 'num_classes': str(num_classes)}
+
+    def save(st: dict) -> None:
+        if not d.main:
+            return
+        loop = {k: st[k] for k in ('epoch', 'batch', 'step', 'best_top1', 'nonfinite', 'loss_sum', 'count', 'seconds')}
+        ckpt.save_weights(model, output / ckpt.WEIGHTS, meta)
+        if ema is not None:
+            ckpt.save_weights(ema.module, output / ckpt.EMA, meta)
+        ckpt.save_state({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'scheduler': scheduler.state_dict(), 'ema': ema.module.state_dict() if ema else None,
+                         'scaler': scaler.state_dict() if scaler else None, 'rng': _rng_state(),
+                         'loop': loop}, output / ckpt.STATE)
+
+    if d.main and not resume:
+        ckpt.write_json(output / ckpt.CONFIG, {**asdict(cfg), 'num_classes': num_classes, 'classes': data.classes,
+                                               'world_size': d.world, 'rowcol_version': rowcol.__version__})
+        if data.split is not None:
+            from rowcol.data import save_split
+            save_split(output / 'split.json', data.split['train'], data.split['val'], seed=data.split['seed'],
+                       val_frac=data.split['val_frac'], num_samples=data.split['num_samples'])
+        if data.skipped:
+            ckpt.write_json(output / 'skipped_images.json', [list(s) for s in data.skipped])
+            print(f'skipped {len(data.skipped)} bad image(s); listed in {output / "skipped_images.json"}')
+
+    result = TrainResult(output, 'finished')
+    rows = _read_metrics(output) if resume else []
+    with _stop_on_signals():
+        while state['epoch'] < cfg.epochs:
+            state = train_one_epoch(train_model, data.train, optimizer, scheduler, criterion, cfg, state, device,
+                                    d, ema, mixup, erasing, scaler, save, progress)
+            result.step_losses += state['losses']
+            state['losses'] = []
+            if state['batch'] < len(data.train):  # stopped inside the epoch
+                result.status = 'interrupted' if Stop.signum is not None else 'stopped'
+                break
+            row = dict(epoch=state['epoch'] + 1, step=state['step'],
+                       train_loss=state['loss_sum'] / max(state['count'], 1),
+                       lr=optimizer.param_groups[0]['lr'], img_per_s=state['count'] / max(state['seconds'], 1e-9),
+                       seconds=state['seconds'])
+            if data.val is not None:
+                val = evaluate(model, data.val, device, cfg.amp, d, channels_last=cfg.channels_last)
+                row.update(val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'])
+                if ema is not None:
+                    row['ema_val_top1'] = evaluate(ema.module, data.val, device, cfg.amp, d,
+                                                   channels_last=cfg.channels_last)['top1']
+            state.update(epoch=state['epoch'] + 1, batch=0, loss_sum=0., count=0., seconds=0.)
+            is_best = data.val is not None and row['val_top1'] > state['best_top1']
+            if is_best:
+                state['best_top1'] = row['val_top1']
+            save(state)
+            if d.main:
+                if is_best:
+                    ckpt.save_weights(model, output / ckpt.BEST, meta)
+                rows.append(row)
+                ckpt.atomic_write(output / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(
+                    ''.join(json.dumps(r) + '\n' for r in rows)))
+                _plot_curves(output, rows)
+                if progress:
+                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+            result.metrics.append(row)
+            if Stop.signum is not None or (cfg.max_steps is not None and state['step'] >= cfg.max_steps):
+                result.status = 'interrupted' if Stop.signum is not None else 'stopped'
+                break
+    if d.world > 1:
+        dist.barrier()
+    return result

@@ -1,0 +1,121 @@
+"""Tests for rowcol.bench: result structure, defaults and errors. Timings are never asserted."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from rowcol.bench import add_arguments, bench, format_bench, format_copies, run, weight_copy_ops
+from rowcol.errors import ConfigError, ModelNameError
+
+PE, DENSE = 'vit_pe_micro_patch4_16', 'vit_micro_patch4_16'
+# One thread: on a busy shared CPU, two OpenMP threads can stall each other by orders of magnitude.
+TINY = dict(batch_size=2, steps=1, repeats=2, warmup=1, latency_iters=2, device='cpu', threads=1)
+TOP_KEYS = {'model', 'vs', 'mode', 'device', 'batch_size', 'img_size', 'amp', 'compile', 'results',
+            'ratio_img_per_s', 'ratio_params', 'torch', 'threads', 'machine'}
+RESULT_KEYS = {'img_per_s', 'img_per_s_min', 'img_per_s_max', 'params', 'macs', 'peak_mem_bytes'}
+
+
+def _positive(r: dict, keys) -> None:
+    for k in keys:
+        assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r[k])
+
+
+@pytest.fixture(scope='module')
+def infer_result() -> dict:
+    return bench(PE, **TINY)
+
+
+def test_infer_json_keys_and_positive_numbers(infer_result):
+    res = infer_result
+    assert TOP_KEYS <= set(res)
+    assert res['model'] == PE and res['mode'] == 'infer' and res['device'] == 'cpu'
+    assert res['batch_size'] == 2 and res['img_size'] == 16 and res['amp'] is None and res['compile'] is False
+    assert set(res['results']) == {PE, DENSE}
+    for r in res['results'].values():
+        assert RESULT_KEYS | {'latency_p50_ms', 'latency_p90_ms'} <= set(r)
+        _positive(r, RESULT_KEYS | {'latency_p50_ms', 'latency_p90_ms'})
+        assert r['img_per_s_min'] <= r['img_per_s'] <= r['img_per_s_max']
+        assert r['latency_p50_ms'] <= r['latency_p90_ms']
+        assert len(r['trials']) == 2
+    _positive(res, ['ratio_img_per_s', 'ratio_params', 'threads'])
+    assert res['results'][PE]['params'] < res['results'][DENSE]['params']
+    assert res['ratio_params'] == res['results'][PE]['params'] / res['results'][DENSE]['params']
+    json.dumps(res)  # serialisable as is
+
+
+def test_vs_defaults_to_dense_twin(infer_result):
+    assert infer_result['vs'] == DENSE
+
+
+def test_table_output(infer_result):
+    text = format_bench(infer_result)
+    assert PE in text and DENSE in text and 'img/s' in text
+
+
+def test_model_without_twin_runs_alone():
+    res = bench(DENSE, **TINY)
+    assert res['vs'] is None and list(res['results']) == [DENSE]
+    assert res['ratio_img_per_s'] is None and res['ratio_params'] is None
+
+
+def test_vs_none_and_explicit_vs():
+    assert bench(PE, vs='none', **TINY)['vs'] is None
+    res = bench(DENSE, vs=PE, **TINY)
+    assert res['vs'] == PE and res['ratio_params'] > 1
+
+
+def test_train_mode_runs():
+    res = bench('resnet26_pe_cifar', mode='train', batch_size=2, steps=1, repeats=1, warmup=1, device='cpu',
+                threads=1)
+    assert res['mode'] == 'train' and res['vs'] == 'resnet26_cifar' and res['optimizer'] == 'sgd'
+    for r in res['results'].values():
+        _positive(r, RESULT_KEYS)
+        assert 'latency_p50_ms' not in r
+        assert res['threads'] == 1
+        assert r['state_bytes'] >= 2 * 4 * r['params']  # fp32 weights + SGD momentum
+
+
+def test_train_adamw_bf16_channels_last():
+    res = bench(PE, vs='none', mode='train', optimizer='adamw', amp='bf16', channels_last=True,
+                batch_size=2, steps=1, repeats=1, warmup=1, device='cpu', threads=1)
+    assert res['amp'] == 'bf16' and res['channels_last'] is True
+    _positive(res['results'][PE], RESULT_KEYS)
+
+
+def test_unknown_model():
+    with pytest.raises(ModelNameError):
+        bench('vit_pe_no_such_model', **TINY)
+    with pytest.raises(ModelNameError):
+        bench(PE, vs='no_such_dense_model', **TINY)
+
+
+@pytest.mark.parametrize('kw', [dict(mode='eval'), dict(amp='fp8'), dict(steps=0), dict(batch_size=0),
+                                dict(vs=PE), dict(optimizer='lion'), dict(device='tpu')])
+def test_bad_settings(kw):
+    with pytest.raises(ConfigError):
+        bench(PE, **{**TINY, **kw})
+
+
+def test_cli_json(capsys):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(['--model', PE, '--batch-size', '2', '--steps', '1', '--repeats', '1',
+                         '--warmup', '1', '--latency-iters', '1', '--device', 'cpu', '--threads', '1', '--json'])
+    assert run(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert TOP_KEYS <= set(res) and res['vs'] == DENSE
+
+
+def test_weight_copy_ops_linear_tie_copies_nothing():
+    """F.linear(x, W.t()) reads W transposed in place: a ViT-PE step copies no weight."""
+    rep = weight_copy_ops(PE, threads=1)
+    assert rep['forward']['copies'] == 0 and rep['train']['copies'] == 0
+    assert rep['step_ms'] > 0 and PE in format_copies(rep)
+
+
+def test_weight_copy_ops_conv_tie_copies_nothing_channels_last():
+    # channels_last (the training default for CNNs): conv_t is a linear over the channel dim, no W copy
+    rep = weight_copy_ops('resnet26_pe_cifar', timing_steps=1, threads=1, channels_last=True)
+    assert rep['forward']['copies'] == 0

@@ -1,0 +1,114 @@
+"""The tie itself: one Parameter serves W and Wᵀ, checked against hand-written formulas."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rowcol.layers import ATTN_FORMS, PeAttention, PeMlp, TiedLinear, pe_attention
+
+
+def _rand_(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    return module
+
+
+def test_pe_mlp_is_wt_f_wx_plus_b():
+    mlp = _rand_(PeMlp(6, 10))
+    x = torch.randn(2, 3, 6)
+    W, b1, b2 = mlp.fc.weight, mlp.fc.bias, mlp.fc.bias_t
+    expected = F.gelu(x @ W.T + b1) @ W + b2  # Wᵀ F(W x + b1) + b2 on row vectors
+    torch.testing.assert_close(mlp(x), expected)
+    assert [n for n, _ in mlp.named_parameters()] == ['fc.weight', 'fc.bias', 'fc.bias_t']
+    assert not hasattr(mlp, 'fc2')
+
+
+def test_tied_gradient_is_sum_of_both_uses_by_hand():
+    """dL/dW for y = Wᵀ tanh(W x + b1) + b2 computed by hand: both uses add up."""
+    lin = _rand_(TiedLinear(5, 7))
+    x, g = torch.randn(4, 5), torch.randn(4, 5)
+    W = lin.weight
+    y = lin.forward_t(torch.tanh(lin(x)))
+    (y * g).sum().backward()
+    with torch.no_grad():
+        z = x @ W.T + lin.bias          # (4, 7)
+        h = torch.tanh(z)
+        grad_second = h.T @ g           # from y = h W: dL/dW = hᵀ g, (7, 5)
+        dz = (g @ W.T) * (1 - h ** 2)   # back through Wᵀ and tanh
+        grad_first = dz.T @ x           # from z = x Wᵀ: dL/dW = dzᵀ x, (7, 5)
+    torch.testing.assert_close(W.grad, grad_first + grad_second)
+    assert grad_first.abs().sum() > 0 and grad_second.abs().sum() > 0
+    torch.testing.assert_close(lin.bias_t.grad, g.sum(0))
+
+
+def test_perturbing_w_changes_both_maps():
+    lin = _rand_(TiedLinear(4, 6))
+    x, h = torch.randn(3, 4), torch.randn(3, 6)
+    before = lin(x), lin.forward_t(h)
+    with torch.no_grad():
+        lin.weight[2, 1] += 1.0
+    after = lin(x), lin.forward_t(h)
+    torch.testing.assert_close(after[0] - before[0], x[:, 1:2] * torch.eye(6)[2])  # column 2 of W x moved
+    torch.testing.assert_close(after[1] - before[1], h[:, 2:3] * torch.eye(4)[1])  # row 1 of Wᵀ h moved
+
+
+def test_conv_maps_equal_linear_maps():
+    lin = _rand_(TiedLinear(8, 3, bias=False, bias_t=False))
+    x = torch.randn(2, 8, 5, 5)
+    up = lin.conv(x)
+    torch.testing.assert_close(up, lin(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    down = lin.conv_t(up)
+    torch.testing.assert_close(down, lin.forward_t(up.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    cl = lin.conv_t(up.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, down)
+
+
+def _attn_reference(attn, x):
+    B, N, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    Wq, Wkv = attn.q.weight, attn.kv.weight
+    q = x @ Wq.T + attn.q.bias         # Q = W_q x
+    k = x @ Wkv.T + attn.kv.bias       # K = W_kv x
+    v = x @ Wkv + attn.kv.bias_t       # V = W_kvᵀ x
+    split = lambda t: t.view(B, N, H, D).transpose(1, 2)
+    a = (split(q) @ split(k).transpose(-2, -1) / D ** 0.5).softmax(-1)
+    o = (a @ split(v)).transpose(1, 2).reshape(B, N, C)
+    return o @ Wq + attn.q.bias_t      # out = W_qᵀ o
+
+
+def test_pe_attention_is_the_authors_form():
+    attn = _rand_(PeAttention(12, num_heads=3, qkv_bias=True))
+    x = torch.randn(2, 5, 12)
+    torch.testing.assert_close(attn(x), _attn_reference(attn, x), rtol=1e-5, atol=1e-5)
+    n_params = sum(p.numel() for p in attn.parameters())
+    assert n_params == 2 * 12 * 12 + 4 * 12  # two d×d matrices and the q, k, v, out biases
+    attn.fused_attn = False
+    torch.testing.assert_close(attn(x), _attn_reference(attn, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('form,mats', [('qo_kv', 2), ('qk_vo', 2), ('vo', 3)])
+def test_attention_forms_count_and_grad(form, mats):
+    attn = _rand_(pe_attention(form)(16, num_heads=4, qkv_bias=True))
+    assert attn.form == form
+    matrices = [p for p in attn.parameters() if p.ndim == 2]
+    assert len(matrices) == mats
+    attn(torch.randn(2, 3, 16)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match='unknown attention form'):
+        pe_attention('qkvo')
+    with pytest.raises(ValueError, match='out_features'):
+        PeMlp(8, 16, out_features=4)
+    with pytest.raises(ValueError, match='divisible'):
+        PeAttention(10, num_heads=3)
+    assert set(ATTN_FORMS) == {'qo_kv', 'qk_vo', 'vo'}
+
+
+def test_identity_activation_stays_in_row_space():
+    """The break condition: with F = identity, Wᵀ W x lies in the row space of W."""
+    mlp = _rand_(PeMlp(8, 3, act_layer=nn.Identity, bias=False))
+    y = mlp(torch.randn(10, 8))  # rank(W) = 3, so y spans at most 3 dimensions
+    assert torch.linalg.matrix_rank(y) == 3

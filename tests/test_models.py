@@ -1,0 +1,193 @@
+"""Registry-wide model tests: shapes, gradients, exact counts, MACs, safetensors, timm interface."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import rowcol
+from rowcol.checkpoint import load_weights, save_weights
+from rowcol.errors import CheckpointError, ModelNameError
+from rowcol.layers import TiedLinear, tied_modules
+from rowcol.models import create_model, dense_twin, pe_models, pe_spec
+from rowcol.stats import count_macs, count_params
+
+PE = pe_models()
+ROWCOL_MODELS = sorted(set(PE) | {dense_twin(n) for n in PE if timm.get_pretrained_cfg(dense_twin(n))
+                                  and timm.get_pretrained_cfg(dense_twin(n)).input_size[-1] <= 32}
+                       | {'resnet50_pe_untied'})
+SMALL = {'resnet': 64, 'patch16': 32}  # test-time image sizes for the ImageNet-sized models
+
+
+def _small(name):
+    """Model and input for a fast CPU test: ImageNet models at a small resolution."""
+    kwargs = {'num_classes': 7}
+    size = timm.get_pretrained_cfg(name).input_size[-1]
+    if 'patch16' in name:
+        size = kwargs['img_size'] = 32
+    elif 'resnet50' in name:
+        size = 64
+    return create_model(name, **kwargs), torch.randn(2, 3, size, size)
+
+
+def test_registry_lists_pe_models():
+    listed = set(timm.list_models('*_pe*'))
+    assert set(PE) <= listed
+    assert {'vit_pe_tiny_patch16_224', 'vit_pe_small_patch16_224', 'vit_pe_base_patch16_224',
+            'resnet50_pe', 'vit_pe_tiny_patch4_32'} <= set(PE)
+    for name in PE:
+        assert timm.is_model(dense_twin(name)), name
+
+
+@pytest.mark.parametrize('name', ROWCOL_MODELS)
+def test_forward_backward(name):
+    model, x = _small(name)
+    model.train()
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    # zero-init last BNs starve W of gradient on the first step: perturb them, then check every grad
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.add_(0.1)
+    model(x).logsumexp(-1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f'parameters without gradient: {no_grad[:5]}'
+
+
+@pytest.mark.parametrize('name', PE)
+def test_exact_counts_and_twin(name):
+    spec = pe_spec(name)
+    model = create_model(name)
+    assert model.dense_twin == spec.dense
+    assert count_params(model) == spec.params
+    assert count_params(create_model(name, num_classes=0)) == spec.params_headless
+    assert count_params(create_model(spec.dense)) == spec.dense_params
+    # the dedup count equals the state_dict count: no weight is registered under two names
+    assert sum(t.numel() for k, t in model.state_dict().items() if 'running' not in k
+               and 'num_batches' not in k) == spec.params
+
+
+def test_issue_table():
+    expected = {'vit_pe_tiny_patch16_224': (3_063_208, 5_717_416),
+                'vit_pe_small_patch16_224': (11_433_832, 22_050_664),
+                'vit_pe_base_patch16_224': (44_100_328, 86_567_656),
+                'resnet50_pe': (15_515_176, 25_557_032)}
+    for name, (pe, dense) in expected.items():
+        assert count_params(create_model(name)) == pe
+        assert count_params(timm.create_model(dense_twin(name))) == dense
+    assert count_params(create_model('resnet50_pe', num_classes=0)) == 13_466_176
+
+
+@pytest.mark.parametrize('name', [n for n in PE if 'patch16' not in n])
+def test_macs_equal_the_dense_twin(name):
+    pe, dense = create_model(name), create_model(dense_twin(name))
+    if name.startswith('vit'):
+        assert count_macs(pe) == count_macs(dense)
+    else:  # ResNet-PE: widening/depthwise convs replace the projection shortcuts (+0.2% at ResNet-50)
+        assert abs(count_macs(pe) / count_macs(dense) - 1) < 0.05
+
+
+def test_resnet50_pe_macs_equal_its_untied_layout():
+    assert count_macs(create_model('resnet50_pe')) == count_macs(create_model('resnet50_pe_untied'))
+    assert count_macs(create_model('vit_pe_tiny_patch16_224')) == count_macs(timm.create_model('vit_tiny_patch16_224'))
+
+
+def test_resnet_pe_stage_layout():
+    model = create_model('resnet50_pe')
+    for i, (m, c, n) in {3: (256, 1024, 6), 4: (512, 2048, 3)}.items():
+        stage = getattr(model, f'layer{i}')
+        assert stage.w.weight.shape == (m, c)  # one W per stage
+        assert len(stage.blocks) == n
+        assert not any(isinstance(mod, (TiedLinear, nn.Conv2d)) and mod.weight.shape[:2] in ((m, c), (c, m))
+                       for blk in stage.blocks for mod in blk.modules())  # no per-block W, no fc2
+    assert [n for n, _ in tied_modules(model)] == ['layer3.w', 'layer4.w']
+    block = create_model('resnet50_pe', tie='block')
+    assert len(tied_modules(block)) == 6 + 3
+    with pytest.raises(ValueError, match='tie mode'):
+        create_model('resnet50_pe', tie='layer')
+
+
+def test_resnet_pe_block_formula():
+    """x1 = ReLU(BN(Wᵀ G(W x)) + identity) with hand-made convs and a transposed copy of W."""
+    model = create_model('resnet26_pe_cifar').eval()
+    stage = model.layer3
+    with torch.no_grad():
+        for m in stage.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_()
+    x = torch.randn(2, 128, 8, 8)
+    widened = torch.cat([stage.widen(x), x], 1)
+    W = stage.w.weight.detach()
+    blk = stage.blocks[0]
+    h = torch.relu(blk.bn1(nn.functional.conv2d(widened, W[:, :, None, None])))
+    h = torch.relu(blk.bn2(blk.conv2(h)))
+    h = blk.bn3(nn.functional.conv2d(h, W.t().contiguous()[:, :, None, None]))
+    expected0 = torch.relu(h + stage.downsample(widened))
+    torch.testing.assert_close(blk(widened, stage.w, stage.downsample(widened)), expected0)
+    with torch.no_grad():
+        full = stage(x)
+        y = expected0
+        for b in stage.blocks[1:]:
+            y = b(y, stage.w)
+    torch.testing.assert_close(full, y)
+
+
+@pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar', 'vit_pe_tiny_patch16_224'])
+def test_safetensors_round_trip_keeps_tie(name, tmp_path):
+    model, x = _small(name)
+    model.eval()
+    save_weights(model, tmp_path / 'm.safetensors')
+    fresh, _ = _small(name)
+    load_weights(fresh.eval(), tmp_path / 'm.safetensors')
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # still tied after loading: perturbing the one W moves both of its maps
+    lin = tied_modules(fresh)[0][1]
+    y = torch.randn(3, lin.out_features)
+    before = lin.forward_t(y)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    assert not torch.allclose(lin.forward_t(y), before)
+
+
+def test_load_refuses_mismatch(tmp_path):
+    save_weights(create_model('vit_pe_micro_patch4_16'), tmp_path / 'a.safetensors')
+    with pytest.raises(CheckpointError, match='does not fit'):
+        load_weights(create_model('vit_pe_micro_patch4_16', num_classes=3), tmp_path / 'a.safetensors')
+    with pytest.raises(CheckpointError, match='does not fit'):
+        load_weights(create_model('vit_micro_patch4_16'), tmp_path / 'a.safetensors')
+    (tmp_path / 'bad.safetensors').write_bytes(b'garbage')
+    with pytest.raises(CheckpointError, match='bad.safetensors'):
+        load_weights(create_model('vit_pe_micro_patch4_16'), tmp_path / 'bad.safetensors')
+
+
+@pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar'])
+def test_timm_interface(name):
+    model = create_model(name)
+    size = model.pretrained_cfg['input_size'][-1]
+    x = torch.randn(2, 3, size, size)
+    feats = model.forward_features(x)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    assert model.forward_head(feats).shape == (2, 10)
+    model.reset_classifier(4)
+    assert model(x).shape == (2, 4)
+    assert isinstance(model.no_weight_decay(), set)
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(ModelNameError, match='vit_pe_small_patch16_224'):
+        create_model('vit_pe_smal_patch16_224')
+
+
+def test_pretrained_pe_is_refused():
+    with pytest.raises(ValueError, match='no pretrained'):
+        create_model('resnet50_pe', pretrained=True)
+
+
+def test_ablation_kwargs():
+    dense_attn = create_model('vit_pe_micro_patch4_16', attn_form='dense')
+    assert count_params(dense_attn) > count_params(create_model('vit_pe_micro_patch4_16'))
+    ident = create_model('vit_pe_micro_patch4_16', mlp_act='identity')
+    assert isinstance(ident.blocks[0].mlp.act, nn.Identity)
+    assert rowcol.pe_spec('resnet50') is None
