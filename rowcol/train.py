@@ -301,7 +301,8 @@ def _plot_curves(run_dir: Path, rows: list[dict]) -> None:
     ax2.set(xlabel='epoch', ylabel='accuracy (%)')
     for a in (ax1, ax2):
         a.grid(alpha=.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     ckpt.atomic_write(run_dir / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
@@ -340,8 +341,11 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
 
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.scaled_lr(), weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
+    try:
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.scaled_lr(), weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f'--opt {cfg.opt} (momentum {cfg.momentum}): {e}') from None
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
                                        min_lr=cfg.min_lr, step_on_epochs=False,

@@ -8,6 +8,8 @@ import pytest
 
 from rowcol.bench import add_arguments, bench, format_bench, format_copies, run, weight_copy_ops
 from rowcol.errors import ConfigError, ModelNameError
+from rowcol.layers import tied_modules
+from rowcol.models import create_model
 
 PE, DENSE = 'vit_pe_micro_patch4_16', 'vit_micro_patch4_16'
 # One thread: on a busy shared CPU, two OpenMP threads can stall each other by orders of magnitude.
@@ -108,14 +110,19 @@ def test_cli_json(capsys):
     assert TOP_KEYS <= set(res) and res['vs'] == DENSE
 
 
+def _tied_weight_copies(rep, name):
+    tied = {f'{n}.weight' for n, _ in tied_modules(create_model(name))}
+    return [op for phase in ('forward', 'train') for op in rep[phase]['ops'] if tied & set(op['weights'])]
+
+
 def test_weight_copy_ops_linear_tie_copies_nothing():
-    """F.linear(x, W.t()) reads W transposed in place: a ViT-PE step copies no weight."""
+    """F.linear(x, W.t()) reads W transposed in place: a ViT-PE step copies no tied weight."""
     rep = weight_copy_ops(PE, threads=1)
-    assert rep['forward']['copies'] == 0 and rep['train']['copies'] == 0
+    assert rep['forward']['copies'] == 0 and not _tied_weight_copies(rep, PE)
     assert rep['step_ms'] > 0 and PE in format_copies(rep)
 
 
 def test_weight_copy_ops_conv_tie_copies_nothing_channels_last():
     # channels_last (the training default for CNNs): conv_t is a linear over the channel dim, no W copy
     rep = weight_copy_ops('resnet26_pe_cifar', timing_steps=1, threads=1, channels_last=True)
-    assert rep['forward']['copies'] == 0
+    assert rep['forward']['copies'] == 0 and not _tied_weight_copies(rep, 'resnet26_pe_cifar')

@@ -1,0 +1,127 @@
+"""The command line end to end on tiny local data: params, train, eval, compare, and bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rowcol.cli import main
+
+MODEL = 'vit_pe_micro_patch4_16'
+FAST = ['--epochs', '1', '--batch-size', '8', '--quiet']
+
+
+def _folder(root: Path, classes=('cat', 'dog', 'owl'), per_class=12, size=16) -> Path:
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            img[..., i] += 150  # one bright channel per class: learnable
+            Image.fromarray(img).save(root / c / f'{j:03d}.png')
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return _folder(tmp_path / 'imgs')
+
+
+def test_params_json(capsys):
+    assert main(['params', 'vit_pe_tiny_patch16_224', 'resnet50_pe', '--json']) == 0
+    rows = {r['model']: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows['resnet50_pe']) == {'model', 'params', 'dense', 'dense_params', 'ratio', 'macs', 'dense_macs'}
+    assert rows['vit_pe_tiny_patch16_224']['params'] == 3_063_208
+    assert rows['vit_pe_tiny_patch16_224']['dense_params'] == 5_717_416
+    assert rows['vit_pe_tiny_patch16_224']['macs'] == rows['vit_pe_tiny_patch16_224']['dense_macs']
+    assert rows['resnet50_pe']['params'] == 15_515_176 and rows['resnet50_pe']['dense'] == 'resnet50'
+    assert main(['params', 'resnet50_pe', '--num-classes', '0', '--json']) == 0
+    assert json.loads(capsys.readouterr().out)[0]['params'] == 13_466_176
+
+
+def test_train_then_eval_json(folder, tmp_path, capsys):
+    run = tmp_path / 'run'
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--val-split', '0.25', '--output', str(run),
+                 '--crop-padding', '1', *FAST]) == 0
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(run), '--data', str(folder), '--json']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {'top1', 'top5', 'loss', 'num_images', 'per_class'} <= set(res)
+    assert res['split'] == 'val' and res['num_images'] == 9  # the run's own 25% split, 3 per class
+    assert set(res['per_class']) == {'cat', 'dog', 'owl'} and Path(res['confusion_png']).is_file()
+    logged = json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert res['top1'] == pytest.approx(logged['val_top1'])
+    # a bare folder of class folders with the same classes is scored whole
+    other = _folder(tmp_path / 'other', per_class=2)
+    assert main(['eval', '--checkpoint', str(run), '--data', str(other), '--json', '--confusion', '']) == 0
+    assert json.loads(capsys.readouterr().out)['num_images'] == 6
+
+
+def test_eval_rejects_other_classes_and_bad_checkpoints(folder, tmp_path, capsys):
+    run = tmp_path / 'run'
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--output', str(run), '--max-steps', '1',
+                 *FAST]) == 0
+    wrong = _folder(tmp_path / 'wrong', classes=('cat', 'dog', 'emu'), per_class=1)
+    assert main(['eval', '--checkpoint', str(run), '--data', str(wrong)]) == 2
+    assert 'classes do not match' in capsys.readouterr().err
+    assert main(['eval', '--checkpoint', str(tmp_path / 'nope'), '--data', str(folder)]) == 2
+    assert 'nope' in capsys.readouterr().err
+    other = tmp_path / 'other'
+    assert main(['train', '--model', 'vit_micro_patch4_16', '--data', str(folder), '--output', str(other),
+                 '--max-steps', '1', *FAST]) == 0
+    (run / 'model.safetensors').write_bytes((other / 'model.safetensors').read_bytes())
+    assert main(['eval', '--checkpoint', str(run), '--data', str(folder)]) == 2
+    assert 'does not fit the model' in capsys.readouterr().err
+
+
+def test_bad_data_is_named(tmp_path, folder, capsys):
+    assert main(['train', '--model', MODEL, '--data', str(tmp_path / 'missing'), *FAST]) == 2
+    assert 'missing' in capsys.readouterr().err
+    (tmp_path / 'empty').mkdir()
+    assert main(['train', '--model', MODEL, '--data', str(tmp_path / 'empty'), *FAST]) == 2
+    assert 'no class folders' in capsys.readouterr().err
+    (folder / 'zebra').mkdir()
+    assert main(['train', '--model', MODEL, '--data', str(folder), *FAST, '--output', str(tmp_path / 'r')]) == 2
+    assert 'zebra' in capsys.readouterr().err
+
+
+def test_bad_images_stop_or_are_skipped(folder, tmp_path, capsys):
+    (folder / 'cat' / 'zero.png').write_bytes(b'')
+    (folder / 'dog' / 'notes.jpg').write_text('not an image')
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--output', str(tmp_path / 'a'), *FAST]) == 2
+    assert 'zero.png' in capsys.readouterr().err
+    assert not (tmp_path / 'a' / 'model.safetensors').exists()
+    out = tmp_path / 'b'
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--output', str(out), '--skip-bad-images',
+                 *FAST]) == 0
+    assert 'skipped 2 bad image' in capsys.readouterr().out
+    assert {Path(p).name for p, _ in json.loads((out / 'skipped_images.json').read_text())} == {'zero.png', 'notes.jpg'}
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--output', str(tmp_path / 'c'),
+                 '--skip-bad-images', '--max-bad-images', '1', *FAST]) == 2
+    assert 'max_bad' in capsys.readouterr().err
+
+
+def test_unknown_model_and_flags(folder, capsys):
+    assert main(['train', '--model', 'vit_pe_tiny_patch4_23', '--data', str(folder), *FAST]) == 2
+    assert 'did you mean vit_pe_tiny_patch4_32' in capsys.readouterr().err
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--recipe', 'nope', *FAST]) == 2
+    assert 'unknown recipe' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['train', '--batchsize', '3'])
+
+
+def test_compare_writes_report(folder, tmp_path, capsys):
+    out = tmp_path / 'cmp'
+    assert main(['compare', '--model', MODEL, '--data', str(folder), '--val-split', '0.25', '--output', str(out),
+                 *FAST]) == 0
+    report = json.loads((out / 'report.json').read_text())
+    assert report['dense']['model'] == 'vit_micro_patch4_16' and report['pe']['model'] == MODEL
+    assert report['pe']['params'] < 0.6 * report['dense']['params']
+    assert report['pe']['macs'] == report['dense']['macs']
+    assert {'val_top1', 'val_top5', 'train_seconds', 'img_per_s'} <= set(report['pe'])
+    assert (out / 'report.md').is_file() and (out / 'curves.png').is_file()
+    # same split and data order for both runs
+    assert (out / 'dense' / 'split.json').read_text() == (out / 'pe' / 'split.json').read_text()
+    assert main(['compare', '--model', MODEL, '--data', str(folder), '--output', str(out), *FAST]) == 2
+    assert '--resume or --overwrite' in capsys.readouterr().err
