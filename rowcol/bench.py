@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import rowcol  # noqa: F401  (registers models)
 from rowcol.errors import ConfigError
 from rowcol.models import create_model, dense_twin
+from rowcol.runtime import resolve_device
 from rowcol.stats import count_macs, count_params, input_size_of
 
 __all__ = ['bench', 'weight_copy_ops', 'format_bench', 'format_copies', 'add_arguments', 'run',
@@ -70,29 +71,7 @@ DEFAULTS = dict(mode='infer', batch_size=64, repeats=5, warmup=3, steps=10, late
 
 def _build(name: str, img_size: Optional[int], num_classes: Optional[int]) -> nn.Module:
     kwargs: dict[str, Any] = {} if num_classes is None else {'num_classes': num_classes}
-    if img_size is not None:
-        kwargs['img_size'] = img_size
-    try:
-        return create_model(name, **kwargs)
-    except TypeError:  # CNNs take any input size and have no img_size argument
-        if 'img_size' not in kwargs:
-            raise
-        kwargs.pop('img_size')
-        return create_model(name, **kwargs)
-
-
-def _resolve_device(device: Optional[str]) -> torch.device:
-    if device is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"bad device '{device}': {e}") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' asked for, but CUDA is not available")
-    if dev.type not in ('cpu', 'cuda'):
-        raise ConfigError(f"device '{device}': only cpu and cuda are supported")
-    return dev
+    return create_model(name, img_size=img_size, **kwargs)
 
 
 def _autocast(device: torch.device, amp: Optional[str]):
@@ -312,7 +291,7 @@ def bench(
         vs = None
     if vs == model:
         raise ConfigError(f"--vs is the model itself ('{model}'); give another model or 'none'")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     old_threads = torch.get_num_threads()
     if threads is not None:

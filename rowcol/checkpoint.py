@@ -58,6 +58,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if path exists: never clobbers a file that appeared meanwhile
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

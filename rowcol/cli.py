@@ -125,7 +125,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.recipe, **overrides)
     output = args.output or f'runs/compare-{cfg.model}-s{cfg.seed}'
     report = compare(cfg, output, dense=args.dense, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.quiet, command='rowcol ' + ' '.join(sys.argv[1:]))
+                     progress=not args.quiet, command='rowcol ' + ' '.join(sys.argv[1:]),
+                     resume_overrides={k: v for k, v in _overrides(args).items() if k != 'model'})
     print(format_report(report))
     print(f'report: {output}/report.md')
     return 0

@@ -20,7 +20,7 @@ from rowcol.config import TrainConfig
 from rowcol.errors import ConfigError, RunExistsError
 from rowcol.models import create_model, dense_twin, model_defaults
 from rowcol.stats import count_macs, count_params
-from rowcol.train import _read_metrics, resume_config, train
+from rowcol.train import plot_curves, read_metrics, resume_config, train
 
 __all__ = ['compare', 'format_report']
 
@@ -35,7 +35,7 @@ def _git_commit() -> str:
 
 
 def _summary(name: str, run_dir: Path, cfg: TrainConfig, num_classes: int) -> dict:
-    rows = _read_metrics(run_dir)
+    rows = read_metrics(run_dir)
     model = create_model(name, img_size=cfg.img_size, num_classes=num_classes, **cfg.model_kwargs)
     size = cfg.img_size or model_defaults(name)['input_size'][-1]
     last = rows[-1] if rows else {}
@@ -44,27 +44,6 @@ def _summary(name: str, run_dir: Path, cfg: TrainConfig, num_classes: int) -> di
                 best_val_top1=max((r['val_top1'] for r in rows if 'val_top1' in r), default=None),
                 train_seconds=round(sum(r['seconds'] for r in rows), 1),
                 img_per_s=round(sum(r['img_per_s'] for r in rows) / max(len(rows), 1), 1))
-
-
-def _plot(out: Path, runs: dict[str, list[dict]]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 3.5))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    for label, rows in runs.items():
-        ep = [r['epoch'] for r in rows]
-        ax1.plot(ep, [r['train_loss'] for r in rows], label=f'{label} train')
-        if rows and 'val_top1' in rows[0]:
-            ax1.plot(ep, [r['val_loss'] for r in rows], '--', label=f'{label} val')
-            ax2.plot(ep, [r['val_top1'] for r in rows], label=label)
-    ax1.set(xlabel='epoch', ylabel='loss')
-    ax2.set(xlabel='epoch', ylabel='val top-1 (%)')
-    for a in (ax1, ax2):
-        a.grid(alpha=.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    ckpt.atomic_write(out / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
 
 def format_report(report: dict) -> str:
@@ -89,8 +68,13 @@ def format_report(report: dict) -> str:
 
 
 def compare(cfg: TrainConfig, output: str | Path, dense: Optional[str] = None, resume: bool = False,
-            overwrite: bool = False, progress: bool = True, command: str = '') -> dict:
-    """Train ``dense`` (default: the twin of ``cfg.model``) and ``cfg.model`` alike; write the report."""
+            overwrite: bool = False, progress: bool = True, command: str = '',
+            resume_overrides: Optional[dict] = None) -> dict:
+    """Train ``dense`` (default: the twin of ``cfg.model``) and ``cfg.model`` alike; write the report.
+
+    With ``resume``, a run that has a checkpoint continues (taking ``resume_overrides``, the
+    flags the user gave, as ``rowcol train --resume`` would); a run without one starts anew.
+    """
     output = Path(output)
     dense = dense or dense_twin(cfg.model)
     if dense is None:
@@ -100,23 +84,21 @@ def compare(cfg: TrainConfig, output: str | Path, dense: Optional[str] = None, r
     results, curves = {}, {}
     for role, name in (('dense', dense), ('pe', cfg.model)):
         run_dir = output / role
-        run_cfg = dataclasses.replace(cfg, model=name)
-        can_resume = resume and (run_dir / ckpt.STATE).exists()
-        if can_resume:
-            run_cfg = resume_config(run_dir, {'epochs': cfg.epochs})
-            done = _read_metrics(run_dir)
-            if len(done) < run_cfg.epochs:
+        if resume and (run_dir / ckpt.STATE).exists():
+            run_cfg = resume_config(run_dir, resume_overrides or {})
+            if len(read_metrics(run_dir)) < run_cfg.epochs:
                 train(run_cfg, run_dir, resume=True, progress=progress)
-        else:
-            train(run_cfg, run_dir, overwrite=overwrite, progress=progress)
+        else:  # a run that never reached its first checkpoint is started again
+            run_cfg = dataclasses.replace(cfg, model=name)
+            train(run_cfg, run_dir, overwrite=overwrite or resume, progress=progress)
         num_classes = ckpt.read_json(run_dir / ckpt.CONFIG)['num_classes']
         results[role] = _summary(name, run_dir, run_cfg, num_classes)
-        curves[f'{role}: {name}'] = _read_metrics(run_dir)
+        curves[f'{role}: {name}'] = read_metrics(run_dir)
     report = dict(results, meta=dict(
         recipe=cfg.recipe, epochs=cfg.epochs, seed=cfg.seed, data=cfg.data, commit=_git_commit(),
         machine=f'{platform.machine()} {platform.processor() or ""} {torch.get_num_threads()} threads'.strip(),
         torch=torch.__version__, threads=torch.get_num_threads(), command=command))
     ckpt.write_json(output / 'report.json', report)
     ckpt.atomic_write(output / 'report.md', lambda tmp: Path(tmp).write_text(format_report(report) + '\n'))
-    _plot(output, curves)
+    plot_curves(output / 'curves.png', curves)
     return report

@@ -82,6 +82,17 @@ class TrainConfig:
             (self.recipe in RECIPES, f"unknown recipe '{self.recipe}', expected one of {sorted(RECIPES)}"),
             (self.max_nonfinite >= 1, 'max_nonfinite must be >= 1'),
             (0 <= self.hflip <= 1 and 0 <= self.reprob <= 1, 'hflip and reprob are probabilities'),
+            (0 <= self.label_smoothing < 1, 'label_smoothing must be in [0, 1)'),
+            (self.mixup >= 0 and self.cutmix >= 0, 'mixup and cutmix must be >= 0'),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, 'ema_decay must be in (0, 1)'),
+            ((self.lr is None or self.lr > 0) and self.base_lr > 0, 'lr and base_lr must be > 0'),
+            (self.lr_base_size > 0, 'lr_base_size must be > 0'),
+            (self.img_size is None or self.img_size > 0, 'img_size must be > 0'),
+            (self.crop_padding >= 0 and self.workers >= 0, 'crop_padding and workers must be >= 0'),
+            (self.max_steps is None or self.max_steps >= 1, 'max_steps must be >= 1'),
+            (self.save_every_steps >= 0, 'save_every_steps must be >= 0'),
+            (self.warmup_epochs >= 0 and self.weight_decay >= 0, 'warmup_epochs and weight_decay must be >= 0'),
+            (isinstance(self.model_kwargs, dict), 'model_kwargs must be a JSON object'),
         ]
         for ok, msg in checks:
             if not ok:

@@ -12,57 +12,64 @@ from typing import Optional
 import torch
 
 from rowcol import checkpoint as ckpt
+from rowcol.config import config_from_dict
 from rowcol.data import load_split
 from rowcol.errors import DataError
 from rowcol.models import model_defaults
 from rowcol.pipeline import NAMED, build_eval_data
-from rowcol.train import evaluate, load_run_config
+from rowcol.runtime import resolve_device
+from rowcol.train import evaluate
 
 __all__ = ['evaluate_run', 'plot_confusion']
 
 
-def _same_data(a: str, b: str) -> bool:
-    if a in NAMED or b in NAMED:
-        return a == b
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+def _same_data(data: str, run_data: str) -> bool:
+    if data in NAMED or run_data in NAMED:
+        return data == run_data
+    return Path(data).expanduser().resolve() == Path(run_data).expanduser().resolve()
 
 
 def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: str = 'auto',
                  batch_size: Optional[int] = None, device: Optional[str] = None, progress: bool = False) -> dict:
-    """top1, top5, loss, num_images, per_class (class -> top-1 %) and the confusion matrix."""
+    """top1, top5, loss, num_images, per_class (class -> top-1 %) and the confusion matrix.
+
+    ``split``: ``val`` scores the run's saved validation split of ``data`` (its training data),
+    ``all`` the evaluation part of ``data``, ``auto`` the first when ``data`` is the run's own.
+    """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    model, config = ckpt.load_run(run_dir, weights)
     if split not in ('auto', 'val', 'all'):
         raise DataError(f"--split must be auto, val or all, got '{split}'")
-    indices, used = None, 'all'
+    model, config = ckpt.load_run(run_dir, weights)
+    cfg = config_from_dict(config, str(run_dir / ckpt.CONFIG))
     split_file = run_dir / 'split.json'
+    record = None
     if split == 'val' or (split == 'auto' and split_file.exists() and _same_data(data, cfg.data)):
         if not split_file.exists():
             raise DataError(f'{split_file}: the run has no saved validation split')
         record = load_split(split_file)
-        indices, used = record['val'], 'val'
     if batch_size:
         cfg.batch_size = batch_size
     defaults = model_defaults(cfg.model)
     img_size = cfg.img_size or defaults['input_size'][-1]
-    loader, classes = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], indices,
+    loader, classes = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], record,
                                       progress=progress)
-    if indices is not None and loader.num_images != len(indices):
-        raise DataError(f'{data}: does not match the split in {split_file}')
     if classes != config['classes']:
         extra = sorted(set(classes) - set(config['classes']))
         missing = sorted(set(config['classes']) - set(classes))
         raise DataError(f'{data}: classes do not match the checkpoint {run_dir} '
                         f'(not in checkpoint: {extra[:5]}, missing: {missing[:5]}'
                         f'{", same names in another order" if not extra and not missing else ""})')
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    dev = resolve_device(device)
     model.to(dev)
-    res = evaluate(model, loader, dev, cfg.amp, num_classes=len(classes), progress=progress)
+    channels_last = bool(cfg.channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    res = evaluate(model, loader, dev, cfg.amp, num_classes=len(classes), channels_last=channels_last,
+                   progress=progress)
     conf = res.pop('confusion')
     totals = conf.sum(1).clamp(min=1)
     res['per_class'] = {c: round(100 * conf[i, i].item() / totals[i].item(), 2) for i, c in enumerate(classes)}
-    res.update(split=used, weights=weights, checkpoint=str(run_dir), data=str(data))
+    res.update(split='val' if record else 'all', weights=weights, checkpoint=str(run_dir), data=str(data))
     res['confusion'] = conf.tolist()
     return res
 

@@ -292,11 +292,7 @@ def export_model(model: Union[nn.Module, str], path: Union[str, os.PathLike], fo
         raise ConfigError('opset only applies to ONNX export')
     _check_output(path, overwrite)
     if isinstance(model, str):
-        kwargs = {'img_size': img_size} if img_size else {}
-        try:
-            model = create_model(model, **kwargs)
-        except TypeError:  # CNNs have no img_size argument
-            model = create_model(model)
+        model = create_model(model, img_size=img_size)
     params = count_params(model)
     info: dict[str, Any] = dict(path=str(path), format=fmt, model=model_name_of(model),
                                 num_classes=_num_classes_of(model), params=params, params_bytes_ref=params * 4)
@@ -362,10 +358,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs: dict[str, Any] = {}
         if args.num_classes is not None:
             kwargs['num_classes'] = args.num_classes
-        try:
-            model = create_model(args.model, **(dict(kwargs, img_size=img_size) if img_size else kwargs))
-        except TypeError:  # CNNs have no img_size argument
-            model = create_model(args.model, **kwargs)
+        model = create_model(args.model, img_size=img_size, **kwargs)
     info = export_model(model, args.output, args.format, img_size=img_size, opset=args.opset,
                         overwrite=args.overwrite, verify=args.verify)
     if args.json:

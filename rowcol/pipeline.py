@@ -27,8 +27,10 @@ from rowcol.data import (MemoryData, Samples, decode_to_memory, find_image_folde
                          load_image, load_torchvision_memory, scan_image_folder, stratified_split,
                          stratified_subset, FileDataset)
 from rowcol.errors import ConfigError, DataError
+from rowcol.runtime import Dist, barrier
 
-__all__ = ['DataBundle', 'MemoryLoader', 'StreamLoader', 'build_data', 'build_eval_data', 'step_seed']
+__all__ = ['DataBundle', 'MemoryLoader', 'StreamLoader', 'build_data', 'build_eval_data', 'eval_split', 'step_seed',
+           'seed_step_rngs']
 
 NAMED = ('digits', 'cifar10', 'cifar100')
 MEMORY_MAX_PX = 64
@@ -56,10 +58,11 @@ class BatchAugment:
         oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
         ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
         flip = torch.rand(n, generator=gen) < self.hflip
-        return oy, ox, flip
+        seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=gen)  # one per image, for RandAugment
+        return oy, ox, flip, seeds
 
     def __call__(self, x: torch.Tensor, params) -> torch.Tensor:
-        oy, ox, flip = params
+        oy, ox, flip, seeds = params
         B, C, H, W = x.shape
         if self.padding:
             xp = F.pad(x, (self.padding,) * 4)  # (B, C, H+2p, W+2p), zero padding
@@ -68,10 +71,17 @@ class BatchAugment:
             x = xp[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
         if flip.any():
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        if self.ra is not None:  # per image, through PIL (timm's RandAugment)
-            x = torch.stack([torch.from_numpy(np.asarray(self.ra(Image.fromarray(img.permute(1, 2, 0).numpy()))))
-                             .permute(2, 0, 1) for img in x])
+        if self.ra is not None:
+            x = torch.stack([self._rand_augment(img, int(s)) for img, s in zip(x, seeds)])
         return x.contiguous()
+
+    def _rand_augment(self, img: torch.Tensor, seed: int) -> torch.Tensor:
+        """timm's RandAugment on one image through PIL; it draws from ``random`` and ``np.random``,
+        seeded per image so a resumed or distributed run sees the same draws."""
+        random.seed(seed)
+        np.random.seed(seed)
+        out = self.ra(Image.fromarray(img.permute(1, 2, 0).numpy()))  # (H, W, C) uint8
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -122,19 +132,27 @@ class StreamLoader:
                  rank: int = 0, world: int = 1) -> None:
         if batch_size % world:
             raise ConfigError(f'batch_size ({batch_size}) must be divisible by the number of processes ({world})')
+        if train and len(dataset) < batch_size:
+            raise ConfigError(f'batch_size ({batch_size}) is larger than the training set ({len(dataset)} images)')
         self.dataset, self.local_bs, self.train, self.seed = dataset, batch_size // world, train, seed
         self.workers, self.rank, self.world = workers, rank, world
         self.num_images = len(dataset)
+        # training: DistributedSampler (shuffled, equal shards); evaluation: every image exactly once
         self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True) if train else None
+
+    def _indices(self, epoch: int) -> list[int]:
+        if self.sampler is None:
+            return list(range(self.rank, self.num_images, self.world))
+        self.sampler.set_epoch(epoch)
+        return list(self.sampler)
 
     def __len__(self) -> int:
-        n = len(self.sampler)
+        n = len(self.sampler) if self.sampler is not None else len(range(self.rank, self.num_images, self.world))
         return n // self.local_bs if self.train else math.ceil(n / self.local_bs)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)[start * self.local_bs:]
+        indices = self._indices(epoch)[start * self.local_bs:]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.local_bs, sampler=indices, num_workers=self.workers,
             drop_last=self.train, persistent_workers=False,
@@ -149,6 +167,10 @@ class DataBundle:
     classes: list[str]
     split: Optional[dict]  # {'seed', 'val_frac', 'num_samples', 'train', 'val'} when split here
     skipped: list
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, MemoryLoader)
 
 
 def _named_memory(name: str, train: bool) -> MemoryData:
@@ -198,32 +220,45 @@ def _has_val_folder(data: str) -> bool:
     return data not in NAMED and (Path(data) / 'val').is_dir()
 
 
-def _loader(data, cfg: TrainConfig, train: bool, img_size: int, mean, std, rank: int, world: int):
+def eval_split(data: str) -> str:
+    """The part of ``data`` that is meant for evaluation: CIFAR's test set, a ``val/`` folder,
+    or (a bare folder of class folders) all of it."""
+    if data in ('cifar10', 'cifar100'):
+        return 'test'
+    return 'val' if _has_val_folder(data) else 'train'
+
+
+def _loader(data, cfg: TrainConfig, train: bool, img_size: int, mean, std, d: Dist):
     if isinstance(data, MemoryData):
         aug = BatchAugment(cfg.crop_padding, cfg.hflip, cfg.auto_augment, mean) if train else None
-        return MemoryLoader(data, cfg.batch_size, train, cfg.seed, mean, std, aug, rank, world)
+        return MemoryLoader(data, cfg.batch_size, train, cfg.seed, mean, std, aug, d.rank, d.world)
     from timm.data import create_transform
     tf = create_transform(img_size, is_training=train, auto_augment=cfg.auto_augment if train else None,
                           re_prob=cfg.reprob if train else 0., hflip=cfg.hflip, mean=mean, std=std)
     return StreamLoader(FileDataset(data, tf, skip_bad=cfg.skip_bad_images), cfg.batch_size, train,
-                        cfg.seed, cfg.workers, rank, world)
+                        cfg.seed, cfg.workers, d.rank, d.world)
 
 
-def build_data(cfg: TrainConfig, img_size: int, mean, std, rank: int = 0, world: int = 1,
-               progress: bool = False) -> DataBundle:
-    """Training and validation loaders for ``cfg``; the validation split is made here if asked."""
+def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), progress: bool = False) -> DataBundle:
+    """Training and validation loaders for ``cfg``; the validation split is made here if asked.
+
+    Validation comes from ``--val-data``, else ``--val-split`` of the training data, else the
+    data's own evaluation part (:func:`eval_split`) when it has one.
+    """
+    if d.world > 1 and cfg.data in NAMED and not d.main:
+        barrier(d)  # rank 0 downloads named datasets first
     train = _load_source(cfg.data, 'train', cfg, img_size, progress)
+    if d.world > 1 and cfg.data in NAMED and d.main:
+        barrier(d)
     split, val = None, None
     if cfg.val_data:
-        val = _load_source(cfg.val_data, 'train', cfg, img_size, progress)
+        val = _load_source(cfg.val_data, eval_split(cfg.val_data), cfg, img_size, progress)
     elif cfg.val_split:
         tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.seed)
         split = dict(seed=cfg.seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx, val=va_idx)
         train, val = _take(train, tr_idx), _take(train, va_idx)
-    elif _has_val_folder(cfg.data):
-        val = _load_source(cfg.data, 'val', cfg, img_size, progress)
-    elif cfg.data in ('cifar10', 'cifar100'):
-        val = _load_source(cfg.data, 'test', cfg, img_size, progress)
+    elif eval_split(cfg.data) != 'train':
+        val = _load_source(cfg.data, eval_split(cfg.data), cfg, img_size, progress)
     if val is not None and val.classes != train.classes:
         raise DataError(f'validation classes {val.classes[:5]}... differ from training classes {train.classes[:5]}...')
     if cfg.subset:
@@ -232,18 +267,27 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, rank: int = 0, world:
         train = _take(train, stratified_subset(_labels(train), cfg.subset, cfg.seed))
     skipped = list(getattr(train, 'skipped', [])) + list(getattr(val, 'skipped', []) if val is not None else [])
     return DataBundle(
-        train=_loader(train, cfg, True, img_size, mean, std, rank, world),
-        val=_loader(val, cfg, False, img_size, mean, std, rank, world) if val is not None else None,
+        train=_loader(train, cfg, True, img_size, mean, std, d),
+        val=_loader(val, cfg, False, img_size, mean, std, d) if val is not None else None,
         classes=list(train.classes), split=split, skipped=skipped)
 
 
-def build_eval_data(data: str, cfg: TrainConfig, img_size: int, mean, std, indices: Optional[list[int]] = None,
-                    rank: int = 0, world: int = 1, progress: bool = False):
-    """A loader over ``data`` (optionally only ``indices`` of it) for evaluation, and its classes."""
-    source = _load_source(data, 'val' if _has_val_folder(data) else 'train', cfg, img_size, progress)
-    if indices is not None:
-        source = _take(source, indices)
-    return _loader(source, cfg, False, img_size, mean, std, rank, world), list(source.classes)
+def build_eval_data(data: str, cfg: TrainConfig, img_size: int, mean, std, split: Optional[dict] = None,
+                    d: Dist = Dist(), progress: bool = False):
+    """A loader over ``data`` for evaluation, and its classes.
+
+    With ``split`` (a run's ``split.json``), the validation indices of the run's training
+    images; otherwise the data's evaluation part (:func:`eval_split`).
+    """
+    if split is None:
+        source = _load_source(data, eval_split(data), cfg, img_size, progress)
+    else:
+        source = _load_source(data, 'train', cfg, img_size, progress)
+        if len(_labels(source)) != split['num_samples']:
+            raise DataError(f'{data}: {len(_labels(source))} images, but the run\'s split was made from '
+                            f'{split["num_samples"]}; pass --split all to score every image')
+        source = _take(source, split['val'])
+    return _loader(source, cfg, False, img_size, mean, std, d), list(source.classes)
 
 
 def seed_step_rngs(seed: int, epoch: int, batch: int, rank: int) -> None:

@@ -12,8 +12,6 @@ row raise :class:`~rowcol.errors.NonFiniteLossError` with the last good checkpoi
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -21,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,48 +34,17 @@ from tqdm import tqdm
 import rowcol
 from rowcol import checkpoint as ckpt
 from rowcol.config import RESUMABLE, TrainConfig, config_from_dict
+from rowcol.data import save_split
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
 from rowcol.models import create_model, model_defaults
-from rowcol.pipeline import build_data, seed_step_rngs
+from rowcol.pipeline import NAMED, build_data, seed_step_rngs
+from rowcol.runtime import Dist, all_reduce_sum, barrier, init_distributed
 
 __all__ = ['train', 'run_train', 'train_one_epoch', 'evaluate', 'TrainResult', 'Stop', 'load_run_config',
-           'resume_config']
+           'resume_config', 'plot_curves', 'read_metrics']
 
-RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST, ckpt.EMA, ckpt.STATE, 'split.json', 'metrics.jsonl', 'curves.png')
-
-
-# ---------------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    want_cuda = (device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
-    if world == 1:
-        return Dist(), torch.device(device or ('cuda' if want_cuda else 'cpu'))
-    local = int(os.environ.get('LOCAL_RANK', '0'))
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if want_cuda else 'gloo')
-    if want_cuda:
-        torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), world, local), torch.device(f'cuda:{local}' if want_cuda else 'cpu')
-
-
-def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    if d.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST, ckpt.EMA, ckpt.STATE, 'split.json', 'metrics.jsonl', 'curves.png',
+             'skipped_images.json')
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -108,17 +74,20 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
-def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    exists = output.exists() and any(output.iterdir())
+def check_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over an existing run, or to resume a directory without one (reads only)."""
     if resume:
         if not (output / ckpt.STATE).is_file():
             raise CheckpointError(f'{output}: nothing to resume (no {ckpt.STATE})')
-        return
-    if exists and not overwrite:
+    elif output.exists() and any(output.iterdir()) and not overwrite:
         raise RunExistsError(f'{output} already holds a run; pass --resume {output} to continue it '
                              f'or --overwrite to replace it')
+
+
+def clear_run_dir(output: Path) -> None:
+    """Remove rowcol's files from ``output`` (for --overwrite); other files there are kept."""
     output.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # --overwrite replaces rowcol's files only, never other files there
+    for name in RUN_FILES:
         (output / name).unlink(missing_ok=True)
 
 
@@ -132,6 +101,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     """The saved config of ``run_dir`` with the few changes a resumed run may take."""
     cfg = load_run_config(run_dir)
+    overrides = {**overrides, **{k: _absolute(overrides[k]) for k in ('data', 'val_data') if k in overrides}}
     for key, value in overrides.items():
         if key in RESUMABLE:
             setattr(cfg, key, value)
@@ -170,17 +140,19 @@ def _autocast(device: torch.device, amp: str):
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainConfig, state: dict,
                     device: torch.device, d: Dist, ema=None, mixup=None, erasing=None, scaler=None,
                     save=None, progress: bool = True) -> dict:
-    """One epoch from ``state['batch']``; ``state`` (epoch, batch, step, sums) is updated in place."""
+    """One epoch from ``state['batch']``; ``state`` (epoch, batch, step, sums) is updated in place.
+
+    Stops early, after saving, when a signal arrived on any process or at ``cfg.max_steps``.
+    """
     model.train()
     epoch = state['epoch']
-    channels_last = cfg.channels_last
     bar = tqdm(total=len(loader), initial=state['batch'], desc=f'epoch {epoch + 1}/{cfg.epochs}',
                disable=not (progress and d.main), unit='batch', dynamic_ncols=True)
     t0 = time.perf_counter()
     for x, y in loader.batches(epoch, state['batch']):
-        seed_step_rngs(cfg.seed, epoch, state['batch'], d.rank)
+        seed_step_rngs(cfg.seed, epoch, state['batch'], d.rank)  # dropout, drop-path, mixup, erasing
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if erasing is not None:
             x = erasing(x)
@@ -188,8 +160,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
             x, y = mixup(x, y)
         with _autocast(device, cfg.amp):
             loss = compute_loss(criterion, model(x), y)
-        finite = all_reduce_sum([float(torch.isfinite(loss))], d, device)[0] == d.world
-        if finite:
+        loss_value = loss.item()
+        # one collective per step: non-finite losses, stop requests and the loss sum of all ranks
+        bad, stop, loss_sum, n = all_reduce_sum(
+            [float(not torch.isfinite(loss)), float(Stop.signum is not None), loss_value * len(x), float(len(x))],
+            d, device)
+        if bad == 0:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -198,13 +174,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
                 loss.backward()
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer) if scaler is not None else optimizer.step()
             if scaler is not None:
+                scaler.step(optimizer)
                 scaler.update()
+            else:
+                optimizer.step()
             if ema is not None:
                 ema.update(model, step=state['step'])
             state['nonfinite'] = 0
-        else:
+            state['loss_sum'] += loss_sum
+            state['count'] += n
+        else:  # skipped on every rank alike
             state['nonfinite'] += 1
             if state['nonfinite'] >= cfg.max_nonfinite:
                 bar.close()
@@ -214,25 +194,26 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
         state['step'] += 1
         state['batch'] += 1
         scheduler.step_update(num_updates=state['step'])
-        loss_value = loss.item()
         state['losses'].append(loss_value)
-        n = all_reduce_sum([loss_value * len(y) if finite else 0., float(len(y)) if finite else 0.], d, device)
-        state['loss_sum'] += n[0]
-        state['count'] += n[1]
         elapsed = state['seconds'] + time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
                         img_s=f'{state["count"] / max(elapsed, 1e-9):.0f}')
-        stop = Stop.signum is not None or (cfg.max_steps is not None and state['step'] >= cfg.max_steps)
-        if stop or (cfg.save_every_steps and state['step'] % cfg.save_every_steps == 0):
+        reason = 'signal' if stop > 0 else 'max_steps' if _at_max_steps(cfg, state) else None
+        if reason or (cfg.save_every_steps and state['step'] % cfg.save_every_steps == 0):
             state['seconds'] += time.perf_counter() - t0
             t0 = time.perf_counter()
             save(state)
-            if stop:
+            if reason:
+                state['stopped'] = reason
                 break
     state['seconds'] += time.perf_counter() - t0
     bar.close()
     return state
+
+
+def _at_max_steps(cfg: TrainConfig, state: dict) -> bool:
+    return cfg.max_steps is not None and state['step'] >= cfg.max_steps
 
 
 @torch.no_grad()
@@ -272,67 +253,91 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = 'none', 
 
 # ---------------------------------------------------------------------------- state
 
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
-            'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                      'has_gauss': int(has_gauss), 'cached': float(cached)}}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s['torch'])
-    random.setstate(s['python'])
-    n = s['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
-
-
-def _plot_curves(run_dir: Path, rows: list[dict]) -> None:
+def plot_curves(path: Path, runs: dict[str, list[dict]]) -> None:
+    """Loss (train solid, val dashed) and validation top-1 per epoch, one colour per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(9, 3.5))
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    ep = [r['epoch'] for r in rows]
-    ax1.plot(ep, [r['train_loss'] for r in rows], label='train')
-    if rows[0].get('val_loss') is not None:
-        ax1.plot(ep, [r['val_loss'] for r in rows], label='val')
-        ax2.plot(ep, [r['val_top1'] for r in rows], label='val top-1')
+    for label, rows in runs.items():
+        ep = [r['epoch'] for r in rows]
+        prefix = f'{label} ' if label else ''
+        ax1.plot(ep, [r['train_loss'] for r in rows], label=f'{prefix}train')
+        if rows and 'val_loss' in rows[0]:
+            ax1.plot(ep, [r['val_loss'] for r in rows], '--', label=f'{prefix}val')
+            ax2.plot(ep, [r['val_top1'] for r in rows], label=label or 'val top-1')
     ax1.set(xlabel='epoch', ylabel='loss')
-    ax2.set(xlabel='epoch', ylabel='accuracy (%)')
+    ax2.set(xlabel='epoch', ylabel='val top-1 (%)')
     for a in (ax1, ax2):
         a.grid(alpha=.3)
         if a.get_legend_handles_labels()[0]:
-            a.legend()
+            a.legend(fontsize=8)
     fig.tight_layout()
-    ckpt.atomic_write(run_dir / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / 'metrics.jsonl'
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 # ---------------------------------------------------------------------------- train
 
+def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    try:
+        return create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
+                            drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'--model {cfg.model} with --model-kwargs {json.dumps(cfg.model_kwargs)}: {e}') from None
+
+
+def _build_optim(cfg: TrainConfig, model: nn.Module, updates_per_epoch: int):
+    try:
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.scaled_lr(), weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f'--opt {cfg.opt} (momentum {cfg.momentum}): {e}') from None
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+                                           warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                                           min_lr=cfg.min_lr, step_on_epochs=False,
+                                           updates_per_epoch=updates_per_epoch)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f'--sched {cfg.sched}: {e}') from None
+    if scheduler is None or not hasattr(scheduler, 'step_update') or cfg.sched == 'plateau':
+        raise ConfigError(f'--sched {cfg.sched}: rowcol steps the schedule per update; use cosine, step, '
+                          'multistep, poly or tanh')
+    return optimizer, scheduler
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """Data paths are stored absolute, so eval can tell a run's own data from any cwd."""
+    return path if path is None or path in NAMED else str(Path(path).expanduser().resolve())
+
+
 def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> TrainResult:
-    """Train ``cfg`` into the run directory ``output`` (or continue it with ``resume``)."""
+    """Train ``cfg`` into the run directory ``output`` (or continue it with ``resume``).
+
+    Everything that can fail on user input (device, data, model arguments, optimizer,
+    schedule) is checked before the run directory is touched.
+    """
     output = Path(output)
+    cfg.data, cfg.val_data = _absolute(cfg.data), _absolute(cfg.val_data)
+    check_run_dir(output, resume, overwrite)  # every rank raises alike
     d, device = init_distributed(cfg.device)
-    if d.main:
-        prepare_run_dir(output, resume, overwrite)
     if cfg.amp == 'fp16' and device.type != 'cuda':
         raise ConfigError('--amp fp16 needs a CUDA device; use --amp bf16 on CPU')
-    torch.manual_seed(cfg.seed)
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and (cfg.batch_size // d.world) % 2:
+        raise ConfigError(f'Mixup/CutMix need an even batch per process; got {cfg.batch_size // d.world}')
 
     defaults = model_defaults(cfg.model)  # input size and normalisation of the model
     img_size = cfg.img_size or defaults['input_size'][-1]
-    data = build_data(cfg, img_size, defaults['mean'], defaults['std'], d.rank, d.world,
-                      progress=progress and d.main)
+    data = build_data(cfg, img_size, defaults['mean'], defaults['std'], d, progress=progress and d.main)
     num_classes = len(data.classes)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
-                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = _build_model(cfg, num_classes)
     if cfg.channels_last is None:
         cfg.channels_last = not hasattr(model, 'patch_embed')  # CNNs run faster channels_last
     model.to(device)
@@ -340,40 +345,35 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-
-    try:
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.scaled_lr(), weight_decay=cfg.weight_decay,
-                                        momentum=cfg.momentum)
-    except (ValueError, AssertionError, KeyError) as e:
-        raise ConfigError(f'--opt {cfg.opt} (momentum {cfg.momentum}): {e}') from None
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-                                       min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=len(data.train))
+    optimizer, scheduler = _build_optim(cfg, model, len(data.train))
     ema = ModelEmaV3(model, decay=cfg.ema_decay, exclude_buffers=True) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler('cuda') if cfg.amp == 'fp16' else None
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                       num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
+        criterion = SoftTargetCrossEntropy()  # the smoothing is in Mixup's soft targets
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    erasing = RandomErasing(cfg.reprob, mode='pixel', device=str(device)) if cfg.reprob > 0 and \
-        hasattr(data.train, 'data') else None  # streamed data erases inside its transform
+    erasing = None  # streamed data erases inside its transform
+    if cfg.reprob > 0 and data.in_memory:
+        erasing = RandomErasing(cfg.reprob, mode='pixel', device=str(device))
 
     state = dict(epoch=0, batch=0, step=0, best_top1=-1., nonfinite=0, loss_sum=0., count=0., seconds=0.)
     if resume:
         saved = ckpt.load_state(output / ckpt.STATE)
-        model.load_state_dict(saved['model'])
-        optimizer.load_state_dict(saved['optimizer'])
-        scheduler.load_state_dict(saved['scheduler'])
-        if ema is not None and saved.get('ema') is not None:
-            ema.module.load_state_dict(saved['ema'])
-        if scaler is not None and saved.get('scaler'):
-            scaler.load_state_dict(saved['scaler'])
-        _set_rng_state(saved['rng'])
+        try:
+            model.load_state_dict(saved['model'])
+            optimizer.load_state_dict(saved['optimizer'])
+            if ema is not None and saved.get('ema') is not None:
+                ema.module.load_state_dict(saved['ema'])
+            if scaler is not None and saved.get('scaler'):
+                scaler.load_state_dict(saved['scaler'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f'{output / ckpt.STATE}: does not fit this run: {str(e).splitlines()[0]}') from None
         state.update(saved['loop'])
+        # the schedule is rebuilt from the (possibly extended) config, then moved to the step reached
+        scheduler.step_update(num_updates=state['step'])
     state['losses'] = []
 
     train_model = model
@@ -393,15 +393,15 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
         if ema is not None:
             ckpt.save_weights(ema.module, output / ckpt.EMA, meta)
         ckpt.save_state({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'scheduler': scheduler.state_dict(), 'ema': ema.module.state_dict() if ema else None,
-                         'scaler': scaler.state_dict() if scaler else None, 'rng': _rng_state(),
-                         'loop': loop}, output / ckpt.STATE)
+                         'ema': ema.module.state_dict() if ema else None,
+                         'scaler': scaler.state_dict() if scaler else None, 'loop': loop}, output / ckpt.STATE)
 
     if d.main and not resume:
+        if overwrite:
+            clear_run_dir(output)
         ckpt.write_json(output / ckpt.CONFIG, {**asdict(cfg), 'num_classes': num_classes, 'classes': data.classes,
                                                'world_size': d.world, 'rowcol_version': rowcol.__version__})
         if data.split is not None:
-            from rowcol.data import save_split
             save_split(output / 'split.json', data.split['train'], data.split['val'], seed=data.split['seed'],
                        val_frac=data.split['val_frac'], num_samples=data.split['num_samples'])
         if data.skipped:
@@ -409,16 +409,18 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
             print(f'skipped {len(data.skipped)} bad image(s); listed in {output / "skipped_images.json"}')
 
     result = TrainResult(output, 'finished')
-    rows = _read_metrics(output) if resume else []
+    rows = read_metrics(output) if resume else []
     with _stop_on_signals():
-        while state['epoch'] < cfg.epochs:
+        while state['epoch'] < cfg.epochs and not _at_max_steps(cfg, state):
             state = train_one_epoch(train_model, data.train, optimizer, scheduler, criterion, cfg, state, device,
                                     d, ema, mixup, erasing, scaler, save, progress)
             result.step_losses += state['losses']
             state['losses'] = []
-            if state['batch'] < len(data.train):  # stopped inside the epoch
-                result.status = 'interrupted' if Stop.signum is not None else 'stopped'
-                break
+            stopped = state.pop('stopped', None)
+            if stopped == 'signal':
+                result.status = 'interrupted'
+            if stopped and state['batch'] < len(data.train):
+                break  # stopped inside the epoch, checkpoint written
             row = dict(epoch=state['epoch'] + 1, step=state['step'],
                        train_loss=state['loss_sum'] / max(state['count'], 1),
                        lr=optimizer.param_groups[0]['lr'], img_per_s=state['count'] / max(state['seconds'], 1e-9),
@@ -440,13 +442,13 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
                 rows.append(row)
                 ckpt.atomic_write(output / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(
                     ''.join(json.dumps(r) + '\n' for r in rows)))
-                _plot_curves(output, rows)
+                plot_curves(output / 'curves.png', {'': rows})
                 if progress:
                     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
             result.metrics.append(row)
-            if Stop.signum is not None or (cfg.max_steps is not None and state['step'] >= cfg.max_steps):
-                result.status = 'interrupted' if Stop.signum is not None else 'stopped'
+            if stopped:
                 break
-    if d.world > 1:
-        dist.barrier()
+        if result.status != 'interrupted' and state['epoch'] < cfg.epochs:
+            result.status = 'stopped'
+    barrier(d)
     return result

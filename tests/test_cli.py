@@ -125,3 +125,20 @@ def test_compare_writes_report(folder, tmp_path, capsys):
     assert (out / 'dense' / 'split.json').read_text() == (out / 'pe' / 'split.json').read_text()
     assert main(['compare', '--model', MODEL, '--data', str(folder), '--output', str(out), *FAST]) == 2
     assert '--resume or --overwrite' in capsys.readouterr().err
+
+
+def test_eval_reuses_the_split_of_a_train_val_layout(tmp_path, capsys, monkeypatch):
+    root = tmp_path / 'ds'
+    _folder(root / 'train')
+    _folder(root / 'val', per_class=2)
+    run = tmp_path / 'run'
+    assert main(['train', '--model', MODEL, '--data', str(root), '--val-split', '0.25', '--output', str(run),
+                 *FAST]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # a relative path from another directory is still the run's data
+    assert main(['eval', '--checkpoint', str(run), '--data', 'ds', '--json', '--confusion', '']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res['split'] == 'val' and res['num_images'] == 9  # 25% of ds/train, not ds/val
+    assert main(['eval', '--checkpoint', str(run), '--data', 'ds', '--split', 'all', '--json',
+                 '--confusion', '']) == 0
+    assert json.loads(capsys.readouterr().out)['num_images'] == 6  # ds/val

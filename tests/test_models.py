@@ -191,3 +191,19 @@ def test_ablation_kwargs():
     ident = create_model('vit_pe_micro_patch4_16', mlp_act='identity')
     assert isinstance(ident.blocks[0].mlp.act, nn.Identity)
     assert rowcol.pe_spec('resnet50') is None
+
+
+def test_untied_layout_gets_the_tied_init():
+    """tie='none' starts W1, W2 from the same Xavier-normal init as the tied W (only the tie differs)."""
+    model = create_model('resnet50_pe_untied')
+    blk = model.layer3.blocks[1]
+    m, c = blk.conv1.weight.shape[:2]
+    xavier_std = (2 / (m + c)) ** 0.5
+    for w in (blk.conv1.weight, blk.conv3.weight, create_model('resnet50_pe').layer3.w.weight):
+        assert abs(w.std().item() / xavier_std - 1) < 0.05
+
+
+def test_dense_vit_rejects_pe_only_arguments():
+    with pytest.raises(ValueError, match='PE models only'):
+        create_model('vit_micro_patch4_16', attn_form='vo')
+    assert isinstance(create_model('vit_micro_patch4_16', mlp_act='relu').blocks[0].mlp.act, nn.ReLU)

@@ -178,3 +178,26 @@ def test_recipes_and_unknown_keys():
         resolve_config('deit', batch_sise=3)
     with pytest.raises(ConfigError, match='unknown recipe'):
         resolve_config('imagenet21k')
+
+
+def test_resume_with_more_epochs_extends_the_schedule(tmp_path):
+    train(_cfg(epochs=2), tmp_path / 'short', progress=False)
+    train(resume_config(tmp_path / 'short', {'epochs': 4}), tmp_path / 'short', resume=True, progress=False)
+    train(_cfg(epochs=4), tmp_path / 'long', progress=False)
+    lr = lambda run: [json.loads(r)['lr'] for r in (tmp_path / run / 'metrics.jsonl').read_text().splitlines()]  # noqa: E731
+    short, long = lr('short'), lr('long')
+    assert len(short) == 4 and short[2:] == pytest.approx(long[2:])  # not stuck at min_lr after resuming
+
+
+def test_resume_at_max_steps_takes_no_step(tmp_path):
+    first = train(_cfg(max_steps=3), tmp_path / 'r', progress=False)
+    again = train(resume_config(tmp_path / 'r', {}), tmp_path / 'r', resume=True, progress=False)
+    assert len(first.step_losses) == 3 and again.step_losses == [] and again.status == 'stopped'
+
+
+def test_bad_model_kwargs_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match='model-kwargs'):
+        train(_cfg(model_kwargs={'attn_form': 'kqv'}), tmp_path / 'r', progress=False)
+    with pytest.raises(ConfigError, match='--sched'):
+        train(_cfg(sched='plateau'), tmp_path / 'r2', progress=False)
+    assert not (tmp_path / 'r' / 'config.json').exists()  # nothing written before the checks pass

@@ -208,7 +208,8 @@ class ResNetPE(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, (TiedLinear, PeBottleneck)):
+        for m in self.modules():  # after the generic pass, which would overwrite the untied W1, W2
+            if isinstance(m, (TiedLinear, PeBottleneck)):
                 m.init_weights()
         if zero_init_last:
             for m in self.modules():

@@ -47,7 +47,9 @@ def _create_vit(variant: str, pretrained: bool = False, pe: bool = True, attn_fo
     if pe:
         kwargs.setdefault('mlp_layer', PeMlp if tie_mlp else Mlp)
         kwargs.setdefault('attn_layer', Attention if attn_form == 'dense' else pe_attention(attn_form))
-        kwargs.setdefault('act_layer', _MLP_ACTS[mlp_act])
+    elif attn_form != 'qo_kv' or not tie_mlp:
+        raise ValueError(f'{variant} is dense: attn_form and tie_mlp apply to PE models only')
+    kwargs.setdefault('act_layer', _MLP_ACTS[mlp_act])  # the same activation for a PE model and its twin
     model = build_model_with_cfg(
         VisionTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -1,0 +1,67 @@
+"""Where a run executes: the device, and the torchrun process group (rank 0 writes)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from rowcol.errors import ConfigError
+
+__all__ = ['Dist', 'resolve_device', 'init_distributed', 'all_reduce_sum', 'barrier']
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N``; default cuda when available. ConfigError otherwise."""
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"bad device '{device}': {e}") from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise ConfigError(f"device '{device}': only cpu and cuda are supported")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' asked for, but CUDA is not available")
+    return dev
+
+
+def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    dev = resolve_device(device)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return Dist(), dev
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    if dev.type == 'cuda':
+        torch.cuda.set_device(local)
+        dev = torch.device(f'cuda:{local}')
+    return Dist(dist.get_rank(), world, local), dev
+
+
+def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
