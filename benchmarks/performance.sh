@@ -4,6 +4,8 @@
 set -euo pipefail
 out=${1:-docs/perf}
 mkdir -p "$out"
+git rev-parse --short HEAD > "$out/COMMIT"
+lscpu | grep "Model name" > "$out/MACHINE"; nproc >> "$out/MACHINE"
 rc=".venv/bin/rowcol"
 py=".venv/bin/python"
 bench() {  # name, then rowcol bench flags
@@ -13,14 +15,14 @@ bench() {  # name, then rowcol bench flags
 }
 for amp in fp32 bf16; do
   a=(); [ "$amp" = bf16 ] && a=(--amp bf16)
-  bench "vit_tiny32-infer-$amp"  --model vit_pe_tiny_patch4_32 --mode infer --batch-size 64 "${a[@]}"
-  bench "vit_tiny32-train-$amp"  --model vit_pe_tiny_patch4_32 --mode train --batch-size 64 --steps 5 "${a[@]}"
+  bench "vit_tiny32-infer-$amp"  --model vit_pe_tiny_patch4_32 --mode infer --batch-size 64 --steps 5 --repeats 9 "${a[@]}"
+  bench "vit_tiny32-train-$amp"  --model vit_pe_tiny_patch4_32 --mode train --batch-size 64 --steps 3 --repeats 9 "${a[@]}"
   bench "vit_s16-infer-$amp"     --model vit_pe_small_patch16_224 --mode infer --batch-size 16 --steps 3 --warmup 1 --latency-iters 10 "${a[@]}"
   bench "vit_s16-train-$amp"     --model vit_pe_small_patch16_224 --mode train --batch-size 16 --steps 2 --warmup 1 "${a[@]}"
   bench "r50-infer-$amp"         --model resnet50_pe --mode infer --batch-size 16 --steps 3 --warmup 1 --latency-iters 10 --channels-last "${a[@]}"
   bench "r50-train-$amp"         --model resnet50_pe --mode train --batch-size 16 --steps 2 --warmup 1 --channels-last "${a[@]}"
-  bench "vit_nano32-train-$amp"  --model vit_pe_nano_patch4_32 --mode train --batch-size 128 --steps 5 "${a[@]}"
-  bench "r26cifar-train-$amp"    --model resnet26_pe_cifar --mode train --batch-size 128 --steps 5 --channels-last "${a[@]}"
+  bench "vit_nano32-train-$amp"  --model vit_pe_nano_patch4_32 --mode train --batch-size 128 --steps 3 --repeats 9 "${a[@]}"
+  bench "r26cifar-train-$amp"    --model resnet26_pe_cifar --mode train --batch-size 128 --steps 3 --repeats 9 --channels-last "${a[@]}"
 done
 for m in vit_pe_nano_patch4_32 resnet26_pe_cifar; do
   echo "== loop vs timm: $m" >&2
