@@ -18,9 +18,9 @@ for amp in fp32 bf16; do
   bench "vit_tiny32-infer-$amp"  --model vit_pe_tiny_patch4_32 --mode infer --batch-size 64 --steps 5 --repeats 9 "${a[@]}"
   bench "vit_tiny32-train-$amp"  --model vit_pe_tiny_patch4_32 --mode train --batch-size 64 --steps 3 --repeats 9 "${a[@]}"
   bench "vit_s16-infer-$amp"     --model vit_pe_small_patch16_224 --mode infer --batch-size 16 --steps 3 --warmup 1 --latency-iters 10 "${a[@]}"
-  bench "vit_s16-train-$amp"     --model vit_pe_small_patch16_224 --mode train --batch-size 16 --steps 2 --warmup 1 "${a[@]}"
+  bench "vit_s16-train-$amp"     --model vit_pe_small_patch16_224 --mode train --batch-size 16 --steps 2 --warmup 1 --repeats 9 "${a[@]}"
   bench "r50-infer-$amp"         --model resnet50_pe --mode infer --batch-size 16 --steps 3 --warmup 1 --latency-iters 10 --channels-last "${a[@]}"
-  bench "r50-train-$amp"         --model resnet50_pe --mode train --batch-size 16 --steps 2 --warmup 1 --channels-last "${a[@]}"
+  bench "r50-train-$amp"         --model resnet50_pe --mode train --batch-size 16 --steps 2 --warmup 1 --repeats 9 --channels-last "${a[@]}"
   bench "vit_nano32-train-$amp"  --model vit_pe_nano_patch4_32 --mode train --batch-size 128 --steps 3 --repeats 9 "${a[@]}"
   bench "r26cifar-train-$amp"    --model resnet26_pe_cifar --mode train --batch-size 128 --steps 3 --repeats 9 --channels-last "${a[@]}"
 done

@@ -182,7 +182,41 @@ def _add_export(sub) -> None:
     p.set_defaults(func=export.run)
 
 
-_SUBCOMMANDS: list[Callable] = [_add_params, _add_train, _add_eval, _add_compare, _add_demo, _add_bench, _add_export]
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from rowcol.analyze import analyze_run, plot_analysis
+    res = analyze_run(args.checkpoint, args.data, dense_run=args.dense_checkpoint, num_images=args.num_images,
+                      device=args.device)
+    if args.plot != '':
+        res['plot'] = args.plot or str(Path(args.checkpoint) / 'analysis.png')
+        plot_analysis(res, res['plot'])
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{res['model']} ({res['checkpoint']}) on {res['num_images']} images of {res['data']}")
+    print(f"{'tied layer':<28} {'W shape':>12} {'outside col(W)':>15} {'sigma_max/min':>14}")
+    for r in res['layers']:
+        sv = r['singular_values']
+        frac = '-' if r['outside_fraction'] is None else f"{r['outside_fraction']:.4f}"
+        print(f"{r['name']:<28} {'x'.join(map(str, r['shape'])):>12} {frac:>15} {sv[0] / max(sv[-1], 1e-12):>14.1f}")
+    if 'plot' in res:
+        print(f"plot: {res['plot']}")
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser('analyze', help='how much of what reaches Wᵀ lies outside the column space of W')
+    p.add_argument('--checkpoint', required=True, metavar='RUN_DIR', help='a run of a PE model')
+    p.add_argument('--data', required=True, help='images to measure on (folder of class folders, digits, cifar10)')
+    p.add_argument('--dense-checkpoint', metavar='RUN_DIR', help='a run of the dense twin, for its spectra')
+    p.add_argument('--num-images', type=int, default=512)
+    p.add_argument('--device', default=None)
+    p.add_argument('--plot', default=None, metavar='PNG', help="default RUN_DIR/analysis.png; '' for none")
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_analyze)
+
+
+_SUBCOMMANDS: list[Callable] = [_add_params, _add_train, _add_eval, _add_compare, _add_demo, _add_bench, _add_export,
+                                _add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:

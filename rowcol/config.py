@@ -27,6 +27,7 @@ class TrainConfig:
     data: str = 'digits'            # ImageFolder root, 'digits', 'cifar10' or 'cifar100'
     val_data: Optional[str] = None  # a separate validation ImageFolder
     val_split: Optional[float] = None  # fraction held out (stratified, seeded) when no val data
+    split_seed: int = 0             # seed of that split: fixed, so runs of any --seed share it
     subset: Optional[int] = None    # train on a stratified subset of this many images
     img_size: Optional[int] = None  # default: the model's
     in_memory: Optional[bool] = None  # decode once into RAM; default: images of <= 64 px
@@ -105,6 +106,7 @@ FIELD_HELP = {
     'data': "ImageFolder root (class folders, or train/ and val/ inside), or 'digits', 'cifar10', 'cifar100'",
     'val_data': 'a separate validation ImageFolder',
     'val_split': 'hold out this fraction of --data for validation (stratified, seeded, saved as split.json)',
+    'split_seed': 'seed of the --val-split split (default 0 for every run, so all runs share one split)',
     'subset': 'train on a stratified subset of N images',
     'img_size': "input size (default: the model's)",
     'in_memory': 'decode the dataset once into RAM (default: when images are <= 64 px)',

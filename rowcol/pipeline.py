@@ -254,8 +254,8 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
     if cfg.val_data:
         val = _load_source(cfg.val_data, eval_split(cfg.val_data), cfg, img_size, progress)
     elif cfg.val_split:
-        tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.seed)
-        split = dict(seed=cfg.seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx, val=va_idx)
+        tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.split_seed)
+        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx, val=va_idx)
         train, val = _take(train, tr_idx), _take(train, va_idx)
     elif eval_split(cfg.data) != 'train':
         val = _load_source(cfg.data, eval_split(cfg.data), cfg, img_size, progress)

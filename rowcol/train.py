@@ -344,6 +344,10 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
+        from timm.layers import use_reentrant_ckpt
+        if use_reentrant_ckpt():  # with shared weights and DDP, reentrant checkpointing corrupts gradients
+            raise ConfigError('--grad-checkpointing: TIMM_REENTRANT_CKPT is set; rowcol needs non-reentrant '
+                              'checkpointing, unset it')
         model.set_grad_checkpointing(True)
     optimizer, scheduler = _build_optim(cfg, model, len(data.train))
     ema = ModelEmaV3(model, decay=cfg.ema_decay, exclude_buffers=True) if cfg.ema_decay else None

@@ -207,3 +207,13 @@ def test_dense_vit_rejects_pe_only_arguments():
     with pytest.raises(ValueError, match='PE models only'):
         create_model('vit_micro_patch4_16', attn_form='vo')
     assert isinstance(create_model('vit_micro_patch4_16', mlp_act='relu').blocks[0].mlp.act, nn.ReLU)
+
+
+def test_resnet_pe_bf16_autocast_matches_fp32_closely():
+    model = create_model('resnet26_pe_cifar').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x).float()
+    assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05

@@ -74,3 +74,12 @@ def test_val_folder_and_val_data_use_the_val_part(tmp_path):
     assert bundle.train.num_images == 12 and bundle.val.num_images == 4
     cfg = resolve_config('cifar_vit', data=str(root / 'train'), val_data=str(root), batch_size=4)
     assert build_data(cfg, 16, (0.5,) * 3, (0.5,) * 3, Dist()).val.num_images == 4
+
+
+def test_validation_split_is_shared_by_every_run_seed():
+    """The split depends on split_seed only: runs with different --seed validate on the same images."""
+    splits = [build_data(resolve_config('digits', seed=s, batch_size=8), 16, (.5,) * 3, (.5,) * 3).split['val']
+              for s in (0, 1)]
+    assert splits[0] == splits[1]
+    other = build_data(resolve_config('digits', split_seed=7, batch_size=8), 16, (.5,) * 3, (.5,) * 3).split['val']
+    assert other != splits[0]

@@ -20,7 +20,8 @@ its own W1 and W2 per block, to measure the tie alone). ``stem='3x3'`` replaces 
 and max-pool with one 3×3 stride-1 conv for 32-px images.
 
 Deviations: like timm's ResNet-50 (the dense twin) the last BN of every block starts at zero
-(``zero_init_last``); the paper does not say. The CIFAR-sized models are rowcol's additions.
+(``zero_init_last``); the paper does not say. Under CPU bf16 autocast the strided depthwise
+identity conv runs in fp32 (speed only). The CIFAR-sized models are rowcol's additions.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ class PeStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.widen is not None:
             x = torch.cat([self.widen(x), x], dim=1)  # (B, C, H, W): [new, x]
-        shortcut = self.downsample(x) if self.downsample is not None else x
+        shortcut = self._downsample(x) if self.downsample is not None else x
         for i, blk in enumerate(self.blocks):
             sc = shortcut if i == 0 else None
             if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -129,6 +130,15 @@ class PeStage(nn.Module):
             else:
                 x = blk(x, self.w, sc)
         return x
+
+
+    def _downsample(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+            # oneDNN's bf16 backward of this strided depthwise conv is several times slower than fp32
+            # on CPU (docs/PERFORMANCE.md); it is a small op, so it runs in fp32.
+            with torch.autocast('cpu', enabled=False):
+                return self.downsample(x.float())
+        return self.downsample(x)
 
 
 def _dense_stage(in_chs: int, mid: int, depth: int, stride: int, drop_path: Sequence[float]) -> nn.Sequential:

@@ -1,0 +1,52 @@
+"""Markdown tables for docs/PERFORMANCE.md from the JSON that benchmarks/performance.sh wrote.
+
+    python benchmarks/perf_tables.py docs/perf
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def _mb(b):
+    return f'{b / 2 ** 20:.1f}'
+
+
+def bench_table(d: Path) -> str:
+    lines = ['| model (vs dense twin) | mode | amp | batch | PE img/s | dense img/s | PE/dense | spread PE (min-max) '
+             '| latency p50 PE / dense (ms) | peak MB PE / dense |', '|' + '---|' * 10]
+    for f in sorted(d.glob('bench-*.json')):
+        r = json.loads(f.read_text())
+        pe, de = r['results'][r['model']], r['results'][r['vs']]
+        lat = (f"{pe['latency_p50_ms']:.1f} / {de['latency_p50_ms']:.1f}" if pe.get('latency_p50_ms') else '-')
+        lines.append(f"| {r['model']} | {r['mode']} | {r['amp'] or 'fp32'} | {r['batch_size']} | "
+                     f"{pe['img_per_s']:.1f} | {de['img_per_s']:.1f} | **{r['ratio_img_per_s']:.3f}** | "
+                     f"{pe['img_per_s_min']:.0f}-{pe['img_per_s_max']:.0f} | {lat} | "
+                     f"{_mb(pe['peak_mem_bytes'])} / {_mb(de['peak_mem_bytes'])} |")
+    return '\n'.join(lines)
+
+
+def loop_table(d: Path) -> str:
+    lines = ['| model | rowcol loop img/s | timm-style step img/s | rowcol/timm | data only img/s |', '|---|---|---|---|---|']
+    for f in sorted(d.glob('loop-*.json')):
+        r = json.loads(f.read_text())
+        s = r['img_per_s']
+        lines.append(f"| {r['model']} | {s['rowcol']:.1f} | {s['timm']:.1f} | **{r['ratio_rowcol_over_timm']:.3f}** | "
+                     f"{s['data']:.0f} |")
+    return '\n'.join(lines)
+
+
+def export_table(d: Path) -> str:
+    rows = {json.loads(f.read_text())['model']: json.loads(f.read_text()) for f in sorted(d.glob('export-*.json'))}
+    lines = ['| model | params | params × 4 (MB) | ONNX file (MB) | file / (params × 4) | copies per tied W |',
+             '|---|---|---|---|---|---|']
+    for name, r in rows.items():
+        tied = r.get('tied') or {}
+        copies = max(tied.values()) if isinstance(tied, dict) and tied else '-'
+        lines.append(f"| {name} | {r['params']:,} | {_mb(r['params_bytes_ref'])} | {_mb(r['bytes'])} | "
+                     f"{r['bytes'] / r['params_bytes_ref']:.3f} | {copies} |")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    d = Path(sys.argv[1] if len(sys.argv) > 1 else 'docs/perf')
+    print(bench_table(d), '', loop_table(d), '', export_table(d), sep='\n')

@@ -1,0 +1,171 @@
+"""``rowcol analyze``: does Wᵀ get anything new to work on? Measured on real images.
+
+For every tied layer (:class:`~rowcol.layers.TiedLinear`) the vectors that ``Wᵀ`` is applied
+to are recorded during forward passes over real images: ``F(W x + b1)`` in a PE MLP, the
+attention output before ``W_qᵀ``, the block input before ``W_kvᵀ``, ``G(W x)`` per pixel in a
+ResNet-PE block. For each we report the fraction of its energy outside the column space of W,
+
+    frac = ‖(I − P) h‖² / ‖h‖²,   P = Q Qᵀ,  Q = orthonormal basis of col(W),
+
+averaged over all recorded vectors (energy-weighted: Σ‖(I−P)h‖² / Σ‖h‖²). With ``F`` the
+identity (the paper's break condition) and no bias, ``h = W x`` lies in col(W) and frac = 0.
+Also the singular values of every W, and of the dense twin's matrices for the same slot when a
+dense run is given (``--dense-checkpoint``), with a plot.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from rowcol import checkpoint as ckpt
+from rowcol.config import config_from_dict
+from rowcol.layers import TiedLinear, tied_modules
+from rowcol.models import model_defaults
+from rowcol.pipeline import build_eval_data
+from rowcol.runtime import resolve_device
+
+__all__ = ['outside_fraction', 'analyze_run', 'plot_analysis']
+
+
+class _Energy:
+    """Running Σ‖h‖² and Σ‖(I − P) h‖² of the vectors a tied W's transpose is applied to."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.q = torch.linalg.qr(weight.detach().double()).Q  # (out, r): basis of col(W)
+        self.total = 0.
+        self.outside = 0.
+        self.count = 0
+
+    def add(self, h: torch.Tensor) -> None:
+        h = h.detach().double().reshape(-1, self.q.shape[0])  # (vectors, out)
+        inside = (h @ self.q) @ self.q.T
+        self.total += h.square().sum().item()
+        self.outside += (h - inside).square().sum().item()
+        self.count += h.shape[0]
+
+
+def outside_fraction(weight: torch.Tensor, h: torch.Tensor) -> float:
+    """Energy fraction of the rows of ``h`` (..., out) outside the column space of ``weight`` (out, in)."""
+    e = _Energy(weight)
+    e.add(h)
+    return e.outside / max(e.total, 1e-30)
+
+
+@contextmanager
+def _record(model: nn.Module):
+    """Record the inputs of every Wᵀ use (``forward_t`` / ``conv_t``) while active."""
+    stats: dict[str, _Energy] = {}
+
+    def wrap(name: str, m: TiedLinear, method: str, channels_last_view: bool):
+        original = getattr(m, method)
+
+        def recorded(x):
+            h = x.movedim(1, -1) if channels_last_view else x  # conv inputs: channels to the last dim
+            stats.setdefault(name, _Energy(m.weight)).add(h)
+            return original(x)
+        setattr(m, method, recorded)  # instance attribute shadows the class method
+    for name, m in tied_modules(model):
+        wrap(name, m, 'forward_t', False)
+        wrap(name, m, 'conv_t', True)
+    try:
+        yield stats
+    finally:
+        for _, m in tied_modules(model):
+            m.__dict__.pop('forward_t', None)
+            m.__dict__.pop('conv_t', None)
+
+
+def _spectrum(w: torch.Tensor) -> list[float]:
+    return torch.linalg.svdvals(w.detach().double().flatten(1)).tolist()
+
+
+def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Spectra of the dense twin's matrices that do the job of the tied W ``name``."""
+    d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
+    candidates = {
+        r'(.*\.mlp)\.fc$': ['{0}.fc1.weight', '{0}.fc2.weight'],
+        r'(.*\.attn)\.q$': ['{0}.qkv.weight:q', '{0}.proj.weight'],
+        r'(.*\.attn)\.kv$': ['{0}.qkv.weight:k', '{0}.qkv.weight:v'],
+        r'(layer\d+)\.w$': ['{0}.{1}.conv1.weight', '{0}.{1}.conv3.weight'],
+    }
+    out = {}
+    for pattern, keys in candidates.items():
+        m = re.match(pattern, d)
+        if not m:
+            continue
+        for key in keys:
+            if '{1}' in key:  # a ResNet stage: every block's pair
+                for blk in sorted({k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.')}, key=int):
+                    k = key.format(m.group(1), blk)
+                    if k in dense:
+                        out[k] = _spectrum(dense[k])
+                continue
+            k, _, part = key.format(m.group(1)).partition(':')
+            if k in dense:
+                w = dense[k]
+                if part:  # one third of a fused qkv weight
+                    w = w.chunk(3)['qkv'.index(part)]
+                out[key.format(m.group(1))] = _spectrum(w)
+    return out
+
+
+def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] = None, num_images: int = 512,
+                batch_size: int = 128, device: Optional[str] = None, progress: bool = False) -> dict:
+    """Per tied layer: outside-column-space energy fraction on real images, and spectra."""
+    run_dir = Path(run_dir)
+    model, config = ckpt.load_run(run_dir)
+    cfg = config_from_dict(config, str(run_dir / ckpt.CONFIG))
+    cfg.batch_size = batch_size
+    defaults = model_defaults(cfg.model)
+    img_size = cfg.img_size or defaults['input_size'][-1]
+    loader, _ = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], progress=progress)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    seen = 0
+    with _record(model) as stats, torch.no_grad():
+        for x, _ in loader.batches():
+            model(x[:num_images - seen].to(dev))
+            seen += min(len(x), num_images - seen)
+            if seen >= num_images:
+                break
+    dense = {}
+    if dense_run is not None:
+        dense_model, _ = ckpt.load_run(dense_run)
+        dense = dense_model.state_dict()
+    layers = []
+    for name, m in tied_modules(model):
+        e = stats.get(name)
+        layers.append(dict(
+            name=name, shape=list(m.weight.shape), vectors=e.count if e else 0,
+            outside_fraction=(e.outside / max(e.total, 1e-30)) if e else None,
+            singular_values=_spectrum(m.weight), dense_singular_values=_dense_slots(name, dense)))
+    return dict(checkpoint=str(run_dir), model=cfg.model, data=str(data), num_images=seen,
+                dense_checkpoint=str(dense_run) if dense_run else None, layers=layers)
+
+
+def plot_analysis(result: dict, path: str | Path) -> None:
+    """Left: outside fraction per tied layer. Right: normalised spectra (W solid, dense dashed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    layers = [r for r in result['layers'] if r['outside_fraction'] is not None]
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.bar(range(len(layers)), [r['outside_fraction'] for r in layers])
+    ax1.set_xticks(range(len(layers)), [r['name'] for r in layers], rotation=90, fontsize=6)
+    ax1.set(ylabel='energy outside col(W)', title=f"{result['model']}: what Wᵀ receives")
+    for r in layers[:: max(1, len(layers) // 6)]:
+        sv = torch.tensor(r['singular_values'])
+        line, = ax2.plot((sv / sv[0]).tolist(), label=r['name'])
+        for k, dsv in r['dense_singular_values'].items():
+            dsv = torch.tensor(dsv)
+            ax2.plot((dsv / dsv[0]).tolist(), '--', color=line.get_color(), alpha=.6)
+    ax2.set(xlabel='index', ylabel='σ / σ_max', title='singular values (dashed: dense twin)')
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))

@@ -1,0 +1,49 @@
+"""The mechanism probe: energy outside col(W) of what Wᵀ receives."""
+import json
+
+import torch
+
+from rowcol.analyze import _record, outside_fraction
+from rowcol.cli import main
+from rowcol.models import create_model
+
+
+def test_outside_fraction_by_construction():
+    w = torch.randn(8, 3)  # col(W) is 3-dimensional in R^8
+    assert outside_fraction(w, torch.randn(50, 3) @ w.T) < 1e-12  # inside
+    q = torch.linalg.qr(w, mode='complete').Q[:, 3:]  # the orthogonal complement
+    assert abs(outside_fraction(w, torch.randn(50, 5) @ q.T) - 1) < 1e-12
+    frac = outside_fraction(w, torch.randn(20000, 8))
+    assert abs(frac - 5 / 8) < 0.02  # isotropic vectors: 5 of 8 dimensions lie outside
+
+
+def _mlp_fractions(**kwargs):
+    model = create_model('vit_pe_micro_patch4_16', **kwargs).eval()
+    with _record(model) as stats, torch.no_grad():
+        model(torch.randn(8, 3, 16, 16))
+    return {n: s.outside / s.total for n, s in stats.items() if n.endswith('mlp.fc')}
+
+
+def test_identity_breaks_the_mechanism_and_gelu_does_not():
+    ident = _mlp_fractions(mlp_act='identity')  # fresh biases are zero: h = W x lies in col(W)
+    gelu = _mlp_fractions()
+    assert len(ident) == 4 and max(ident.values()) < 1e-10
+    assert min(gelu.values()) > 1e-3
+
+
+def test_analyze_cli_on_a_run(tmp_path, capsys):
+    pe, dense = tmp_path / 'pe', tmp_path / 'dense'
+    for model, out in (('vit_pe_micro_patch4_16', pe), ('vit_micro_patch4_16', dense)):
+        assert main(['train', '--model', model, '--recipe', 'digits', '--max-steps', '2', '--output', str(out),
+                     '--quiet']) == 0
+    capsys.readouterr()
+    assert main(['analyze', '--checkpoint', str(pe), '--data', 'digits', '--dense-checkpoint', str(dense),
+                 '--num-images', '64', '--json']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res['num_images'] == 64 and (pe / 'analysis.png').is_file()
+    names = [r['name'] for r in res['layers']]
+    assert 'blocks.0.mlp.fc' in names and 'blocks.0.attn.kv' in names
+    mlp = res['layers'][names.index('blocks.0.mlp.fc')]
+    assert 0 < mlp['outside_fraction'] < 1 and mlp['vectors'] == 64 * 17
+    assert set(mlp['dense_singular_values']) == {'blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc2.weight'}
+    assert len(mlp['singular_values']) == 96
