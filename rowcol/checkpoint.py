@@ -6,7 +6,8 @@ A run directory holds::
     model.safetensors      last weights; every shared W stored once, loads with strict=True
     model_best.safetensors weights of the best validation top-1 so far
     model_ema.safetensors  EMA weights, when EMA is on
-    train_state.pt         optimizer, scheduler, EMA, epoch, step, RNG states (weights_only=True)
+    train_state.pt         model, optimizer, EMA, loop position (weights_only=True); the schedule is
+                           rebuilt from the config, random draws are functions of the step
     split.json             the validation split, so ``rowcol eval`` can reuse it
     metrics.jsonl          one line per epoch
     curves.png             loss / accuracy curves
