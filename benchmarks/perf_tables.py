@@ -12,13 +12,14 @@ def _mb(b):
 
 
 def bench_table(d: Path) -> str:
-    lines = ['| model (vs dense twin) | mode | amp | batch | PE img/s | dense img/s | PE/dense | spread PE (min-max) '
-             '| latency p50 PE / dense (ms) | peak MB PE / dense |', '|' + '---|' * 10]
+    lines = ['| model (vs dense twin) | mode | amp | batch | trials × steps | PE img/s | dense img/s | PE/dense '
+             '| PE spread (min-max) | batch-1 latency p50, PE / dense (ms) | peak MB, PE / dense |', '|' + '---|' * 11]
     for f in sorted(d.glob('bench-*.json')):
         r = json.loads(f.read_text())
         pe, de = r['results'][r['model']], r['results'][r['vs']]
         lat = (f"{pe['latency_p50_ms']:.1f} / {de['latency_p50_ms']:.1f}" if pe.get('latency_p50_ms') else '-')
         lines.append(f"| {r['model']} | {r['mode']} | {r['amp'] or 'fp32'} | {r['batch_size']} | "
+                     f"{r['repeats']} × {r['steps']} | "
                      f"{pe['img_per_s']:.1f} | {de['img_per_s']:.1f} | **{r['ratio_img_per_s']:.3f}** | "
                      f"{pe['img_per_s_min']:.0f}-{pe['img_per_s_max']:.0f} | {lat} | "
                      f"{_mb(pe['peak_mem_bytes'])} / {_mb(de['peak_mem_bytes'])} |")

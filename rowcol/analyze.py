@@ -9,6 +9,9 @@ ResNet-PE block. For each we report the fraction of its energy outside the colum
 
 averaged over all recorded vectors (energy-weighted: Σ‖(I−P)h‖² / Σ‖h‖²). With ``F`` the
 identity (the paper's break condition) and no bias, ``h = W x`` lies in col(W) and frac = 0.
+The measure is informative only where W has more rows than columns, as in the PE MLP (W is
+hidden × dim): a square attention W or the (m, C) ResNet stage W of full rank spans its whole
+output space, so nothing can lie outside it (those layers are marked ``col_space_is_all``).
 Also the singular values of every W, and of the dense twin's matrices for the same slot when a
 dense run is given (``--dense-checkpoint``), with a plot.
 """
@@ -142,6 +145,8 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
         e = stats.get(name)
         layers.append(dict(
             name=name, shape=list(m.weight.shape), vectors=e.count if e else 0,
+            col_space_is_all=e is not None and e.q.shape[1] == m.weight.shape[0]
+            and torch.linalg.matrix_rank(m.weight.detach().double()).item() == m.weight.shape[0],
             outside_fraction=(e.outside / max(e.total, 1e-30)) if e else None,
             singular_values=_spectrum(m.weight), dense_singular_values=_dense_slots(name, dense)))
     return dict(checkpoint=str(run_dir), model=cfg.model, data=str(data), num_images=seen,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from rowcol.errors import RowcolError
+from rowcol.errors import Interrupted, RowcolError
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -108,7 +108,9 @@ def _add_eval(sub) -> None:
     p.add_argument('--data', required=True, help="folder of class folders, or 'digits' / 'cifar10' / 'cifar100'")
     p.add_argument('--weights', default='last', choices=['last', 'best', 'ema'], help='which weights of the run')
     p.add_argument('--split', default='auto', choices=['auto', 'val', 'all'],
-                   help="auto: the run's validation split when --data is its training data, else all images")
+                   help="val: the run's saved validation split of --data (its training data); all: the "
+                        "evaluation part of --data (a bare folder: every image; a train/val layout: val/; "
+                        "cifar: the test set); auto: val when --data is the run's own training data")
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--device', default=None)
     p.add_argument('--confusion', default=None, metavar='PNG',
@@ -196,7 +198,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print(f"{'tied layer':<28} {'W shape':>12} {'outside col(W)':>15} {'sigma_max/min':>14}")
     for r in res['layers']:
         sv = r['singular_values']
-        frac = '-' if r['outside_fraction'] is None else f"{r['outside_fraction']:.4f}"
+        frac = '-' if r['outside_fraction'] is None else 'n/a (whole space)' if r['col_space_is_all'] \
+            else f"{r['outside_fraction']:.4f}"
         print(f"{r['name']:<28} {'x'.join(map(str, r['shape'])):>12} {frac:>15} {sv[0] / max(sv[-1], 1e-12):>14.1f}")
     if 'plot' in res:
         print(f"plot: {res['plot']}")
@@ -232,6 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f'rowcol {args.command}: {e}', file=sys.stderr)
+        return 128 + e.signum
     except RowcolError as e:
         print(f'rowcol {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -3,12 +3,17 @@
 Both runs share the recipe, epochs, seed, data order, augmentation draws and split; only the
 model differs. The output directory holds ``dense/`` and ``pe/`` run directories,
 ``report.json``, ``report.md`` and ``curves.png`` (both runs overlaid).
+
+``model_kwargs`` that only PE models take (``attn_form``, ``tie_mlp``, ``pe_stages``, ``tie``)
+go to the PE run alone, so an ablation is compared with the plain dense twin; the report lists
+the arguments of each run.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import platform
+import signal
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -17,12 +22,14 @@ import torch
 
 from rowcol import checkpoint as ckpt
 from rowcol.config import TrainConfig
-from rowcol.errors import ConfigError, RunExistsError
+from rowcol.errors import ConfigError, Interrupted, RunExistsError
 from rowcol.models import create_model, dense_twin, model_defaults
 from rowcol.stats import count_macs, count_params
-from rowcol.train import plot_curves, read_metrics, resume_config, train
+from rowcol.train import Stop, plot_curves, read_metrics, resume_config, train
 
-__all__ = ['compare', 'format_report']
+__all__ = ['compare', 'format_report', 'PE_ONLY_KWARGS']
+
+PE_ONLY_KWARGS = frozenset({'attn_form', 'tie_mlp', 'pe_stages', 'tie'})
 
 
 def _git_commit() -> str:
@@ -84,15 +91,22 @@ def compare(cfg: TrainConfig, output: str | Path, dense: Optional[str] = None, r
     results, curves = {}, {}
     for role, name in (('dense', dense), ('pe', cfg.model)):
         run_dir = output / role
+        kwargs = cfg.model_kwargs if role == 'pe' else \
+            {k: v for k, v in cfg.model_kwargs.items() if k not in PE_ONLY_KWARGS}
+        result = None
         if resume and (run_dir / ckpt.STATE).exists():
-            run_cfg = resume_config(run_dir, resume_overrides or {})
+            run_cfg = resume_config(run_dir, {k: v for k, v in (resume_overrides or {}).items()
+                                              if k != 'model_kwargs'})
             if len(read_metrics(run_dir)) < run_cfg.epochs:
-                train(run_cfg, run_dir, resume=True, progress=progress)
+                result = train(run_cfg, run_dir, resume=True, progress=progress)
         else:  # a run that never reached its first checkpoint is started again
-            run_cfg = dataclasses.replace(cfg, model=name)
-            train(run_cfg, run_dir, overwrite=overwrite or resume, progress=progress)
+            run_cfg = dataclasses.replace(cfg, model=name, model_kwargs=dict(kwargs))
+            result = train(run_cfg, run_dir, overwrite=overwrite or resume, progress=progress)
+        if result is not None and result.status == 'interrupted':
+            raise Interrupted(f'interrupted in the {role} run; continue with: rowcol compare --resume '
+                              f'--output {output} (and the same flags)', Stop.signum or signal.SIGINT)
         num_classes = ckpt.read_json(run_dir / ckpt.CONFIG)['num_classes']
-        results[role] = _summary(name, run_dir, run_cfg, num_classes)
+        results[role] = dict(_summary(name, run_dir, run_cfg, num_classes), model_kwargs=run_cfg.model_kwargs)
         curves[f'{role}: {name}'] = read_metrics(run_dir)
     report = dict(results, meta=dict(
         recipe=cfg.recipe, epochs=cfg.epochs, seed=cfg.seed, data=cfg.data, commit=_git_commit(),

@@ -16,10 +16,11 @@ class DataError(RowcolError):
 class BadImageError(DataError):
     """One image file that cannot be decoded; ``path`` names it."""
 
-    def __init__(self, path, reason: str) -> None:
+    def __init__(self, path, reason: str = '') -> None:
+        # one-argument form too: DataLoader re-raises a worker's error as ``type(message)``
         self.path = str(path)
         self.reason = reason
-        super().__init__(f'{self.path}: {reason}')
+        super().__init__(f'{self.path}: {reason}' if reason else self.path)
 
 
 class ModelNameError(RowcolError, KeyError):
@@ -39,3 +40,11 @@ class RunExistsError(RowcolError):
 
 class NonFiniteLossError(RowcolError):
     """Too many non-finite losses in a row; the last good checkpoint is left intact."""
+
+
+class Interrupted(RowcolError):
+    """SIGTERM or Ctrl-C: a resumable checkpoint was written."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        self.signum = signum
+        super().__init__(message)

@@ -1,8 +1,9 @@
 """``rowcol eval``: score a run directory on a folder of class folders.
 
 Reuses the run's validation split (``split.json``) when ``--data`` is the run's own training
-data, so the numbers match the ones logged in training; any other folder is scored whole.
-Class names must match the checkpoint's, in order.
+data, so the numbers match the ones logged in training; otherwise scores the evaluation part of
+``--data`` (a bare folder of class folders: every image; a train/val layout: ``val/``; CIFAR:
+the test set). Class names must match the checkpoint's, in order.
 """
 from __future__ import annotations
 

@@ -2,12 +2,13 @@
 
 Small datasets (digits, CIFAR, any folder of images <= 64 px) are decoded once into a uint8
 tensor and batched by :class:`MemoryLoader`, which augments whole batches with tensor ops
-(padded random crop, flip; timm RandAugment, random erasing and Mixup/CutMix on request), so
-2 cores spend their time on the model. The randomness of batch ``b`` of epoch ``e`` is a
-function of ``(seed, e, b)`` alone: a run resumed mid-epoch sees the same batches, and in a
-distributed run every rank draws the global batch's crops and flips and keeps its own slice,
-so N processes see exactly what one process would. Large datasets stream through
-:class:`~rowcol.data.FileDataset` with timm's ``create_transform`` in DataLoader workers.
+(padded random crop, flip; timm RandAugment on request; the training loop adds random erasing
+and Mixup/CutMix), so 2 cores spend their time on the model. The randomness of batch ``b`` of
+epoch ``e`` is a function of ``(seed, e, b)`` alone: a run resumed mid-epoch sees the same
+batches, and in a distributed run every rank draws the global batch's crops, flips and
+RandAugment and keeps its own slice, so N processes see what one process would. Large datasets
+stream through :class:`~rowcol.data.FileDataset` with timm's ``create_transform`` in
+DataLoader workers; they resume at the right batch but draw their augmentation anew.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from rowcol.config import TrainConfig
 from rowcol.data import (MemoryData, Samples, decode_to_memory, find_image_folder, load_digits_memory,
                          load_image, load_torchvision_memory, scan_image_folder, stratified_split,
                          stratified_subset, FileDataset)
-from rowcol.errors import ConfigError, DataError
+from rowcol.errors import BadImageError, ConfigError, DataError
 from rowcol.runtime import Dist, barrier
 
 __all__ = ['DataBundle', 'MemoryLoader', 'StreamLoader', 'build_data', 'build_eval_data', 'eval_split', 'step_seed',
@@ -49,9 +50,7 @@ class BatchAugment:
         self.padding, self.hflip = padding, hflip
         self.ra = None
         if auto_augment:
-            from timm.data import rand_augment_transform
-            fill = tuple(round(255 * m) for m in mean)
-            self.ra = rand_augment_transform(auto_augment, {'img_mean': fill})
+            self.ra = _rand_augment(auto_augment, mean)
 
     def params(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.padding
@@ -82,6 +81,15 @@ class BatchAugment:
         np.random.seed(seed)
         out = self.ra(Image.fromarray(img.permute(1, 2, 0).numpy()))  # (H, W, C) uint8
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+def _rand_augment(config: str, mean):
+    from timm.data import rand_augment_transform
+    try:
+        return rand_augment_transform(config, {'img_mean': tuple(round(255 * m) for m in mean)})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f"--auto-augment '{config}': not a timm RandAugment string such as "
+                          f"'rand-m9-mstd0.5' ({e})") from None
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -198,9 +206,16 @@ def _resize(data: MemoryData, size: int) -> MemoryData:
     return MemoryData(x.round_().clamp_(0, 255).to(torch.uint8), data.labels, data.classes, data.skipped)
 
 
-def _small_images(samples: Samples) -> bool:
-    w, h = load_image(samples.paths[0]).size
-    return max(w, h) <= MEMORY_MAX_PX
+def _small_images(samples: Samples, skip_bad: bool, max_bad: int) -> bool:
+    """Whether the images are small enough to hold in memory, judged by the first readable one."""
+    for path in samples.paths[:max_bad + 1 if skip_bad else 1]:
+        try:
+            w, h = load_image(path).size
+            return max(w, h) <= MEMORY_MAX_PX
+        except BadImageError:
+            if not skip_bad:
+                raise
+    raise DataError(f'the first {max_bad + 1} image files cannot be read, more than --max-bad-images={max_bad}')
 
 
 def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int, progress: bool):
@@ -208,7 +223,8 @@ def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int,
     if path_or_name in NAMED:
         return _resize(_named_memory(path_or_name, train=split == 'train'), img_size)
     samples = scan_image_folder(find_image_folder(path_or_name, split))
-    in_memory = cfg.in_memory if cfg.in_memory is not None else _small_images(samples)
+    in_memory = cfg.in_memory if cfg.in_memory is not None else \
+        _small_images(samples, cfg.skip_bad_images, cfg.max_bad_images)
     if not in_memory:
         return samples
     data = decode_to_memory(samples, size=img_size, skip_bad=cfg.skip_bad_images,
@@ -233,6 +249,8 @@ def _loader(data, cfg: TrainConfig, train: bool, img_size: int, mean, std, d: Di
         aug = BatchAugment(cfg.crop_padding, cfg.hflip, cfg.auto_augment, mean) if train else None
         return MemoryLoader(data, cfg.batch_size, train, cfg.seed, mean, std, aug, d.rank, d.world)
     from timm.data import create_transform
+    if train and cfg.auto_augment:
+        _rand_augment(cfg.auto_augment, mean)  # a clear error for a bad string
     tf = create_transform(img_size, is_training=train, auto_augment=cfg.auto_augment if train else None,
                           re_prob=cfg.reprob if train else 0., hflip=cfg.hflip, mean=mean, std=std)
     return StreamLoader(FileDataset(data, tf, skip_bad=cfg.skip_bad_images), cfg.batch_size, train,

@@ -119,7 +119,8 @@ def run_train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwr
         print(f'interrupted: checkpoint written; continue with: rowcol train --resume {result.run_dir}')
         return 128 + (Stop.signum or signal.SIGINT)
     if result.status == 'stopped':
-        print(f'stopped after {cfg.max_steps} steps; continue with: rowcol train --resume {result.run_dir} --max-steps N')
+        print(f'stopped after {cfg.max_steps} steps; continue with: rowcol train --resume {result.run_dir} '
+              '--max-steps 0 (no limit) or a larger N')
     else:
         print(f'finished: {result.run_dir}')
     return 0
@@ -213,7 +214,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
 
 
 def _at_max_steps(cfg: TrainConfig, state: dict) -> bool:
-    return cfg.max_steps is not None and state['step'] >= cfg.max_steps
+    return bool(cfg.max_steps) and state['step'] >= cfg.max_steps  # None or 0: no limit
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ comparison changes nothing but the tie. Builder kwargs for ablations:
 
 * ``attn_form``: ``'qo_kv'`` (authors, default), ``'qk_vo'``, ``'vo'``, or ``'dense'``
   (untied attention, tied MLP only);
-* ``mlp_act``: ``'gelu'`` (default) or ``'identity'`` (the paper's break condition);
+* ``mlp_act``: ``'gelu'`` (default), ``'identity'`` (the paper's break condition) or ``'relu'``;
+  dense models take it too, so a PE model and its twin can share the activation;
 * ``tie_mlp=False``: an untied timm ``Mlp``.
 
 Deviations from the paper: weight init is timm's (truncated normal, std 0.02) for W as for
