@@ -431,11 +431,13 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
                        lr=optimizer.param_groups[0]['lr'], img_per_s=state['count'] / max(state['seconds'], 1e-9),
                        seconds=state['seconds'])
             if data.val is not None:
+                t_eval = time.perf_counter()
                 val = evaluate(model, data.val, device, cfg.amp, d, channels_last=cfg.channels_last)
                 row.update(val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'])
                 if ema is not None:
                     row['ema_val_top1'] = evaluate(ema.module, data.val, device, cfg.amp, d,
                                                    channels_last=cfg.channels_last)['top1']
+                row['eval_seconds'] = time.perf_counter() - t_eval
             state.update(epoch=state['epoch'] + 1, batch=0, loss_sum=0., count=0., seconds=0.)
             is_best = data.val is not None and row['val_top1'] > state['best_top1']
             if is_best:

@@ -44,6 +44,7 @@ def test_analyze_cli_on_a_run(tmp_path, capsys):
     names = [r['name'] for r in res['layers']]
     assert 'blocks.0.mlp.fc' in names and 'blocks.0.attn.kv' in names
     mlp = res['layers'][names.index('blocks.0.mlp.fc')]
-    assert 0 < mlp['outside_fraction'] < 1 and mlp['vectors'] == 64 * 17
+    assert 0 < mlp['outside_fraction'] < 1 and mlp['vectors'] == 64 * 17 and not mlp['col_space_is_all']
+    assert res['layers'][names.index('blocks.0.attn.kv')]['col_space_is_all']  # square W: nothing outside
     assert set(mlp['dense_singular_values']) == {'blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc2.weight'}
     assert len(mlp['singular_values']) == 96

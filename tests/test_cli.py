@@ -142,3 +142,43 @@ def test_eval_reuses_the_split_of_a_train_val_layout(tmp_path, capsys, monkeypat
     assert main(['eval', '--checkpoint', str(run), '--data', 'ds', '--split', 'all', '--json',
                  '--confusion', '']) == 0
     assert json.loads(capsys.readouterr().out)['num_images'] == 6  # ds/val
+
+
+def test_compare_sends_pe_only_kwargs_to_the_pe_run(folder, tmp_path):
+    out = tmp_path / 'cmp'
+    assert main(['compare', '--model', MODEL, '--data', str(folder), '--output', str(out), '--max-steps', '1',
+                 '--model-kwargs', '{"attn_form": "vo", "mlp_act": "relu"}', *FAST]) == 0
+    report = json.loads((out / 'report.json').read_text())
+    assert report['pe']['model_kwargs'] == {'attn_form': 'vo', 'mlp_act': 'relu'}
+    assert report['dense']['model_kwargs'] == {'mlp_act': 'relu'}
+
+
+def test_interrupted_compare_stops_with_the_signal_code(folder, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import rowcol.compare as cmp
+    from rowcol.train import Stop, TrainResult
+    calls = []
+    monkeypatch.setattr(Stop, 'signum', None)  # restored after the test
+
+    def interrupted(cfg, run_dir, **kw):
+        calls.append(cfg.model)
+        Stop.signum = signal.SIGTERM
+        return TrainResult(run_dir, 'interrupted')
+    monkeypatch.setattr(cmp, 'train', interrupted)
+    assert main(['compare', '--model', MODEL, '--data', str(folder), '--output', str(tmp_path / 'c'), *FAST]) == 143
+    assert calls == ['vit_micro_patch4_16']  # the PE run did not start
+    assert 'compare --resume' in capsys.readouterr().err
+
+
+def test_bad_auto_augment_string_is_named(folder, capsys):
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--auto-augment', 'rand-x', *FAST]) == 2
+    assert '--auto-augment' in capsys.readouterr().err
+
+
+def test_max_steps_zero_finishes_a_stopped_run(folder, tmp_path):
+    run = tmp_path / 'run'
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--output', str(run), '--max-steps', '1',
+                 *FAST]) == 0
+    assert main(['train', '--resume', str(run), '--max-steps', '0', '--quiet']) == 0
+    assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1  # the one epoch completed

@@ -408,3 +408,11 @@ def test_real_cifar10_folder() -> None:
     assert data.images.shape == (200, 3, 32, 32) and data.skipped == []
     assert Counter(data.labels.tolist()) == {k: 20 for k in range(10)}
     assert 0.3 < data.images.float().mean().item() / 255 < 0.65
+
+
+def test_bad_image_error_survives_a_dataloader_worker():
+    """DataLoader re-raises a worker's exception as type(message): one argument must work."""
+    from rowcol.errors import BadImageError
+    err = BadImageError('Caught BadImageError in DataLoader worker process 0: x.jpg: truncated')
+    assert 'x.jpg' in str(err) and err.reason == ''
+    assert str(BadImageError('a.png', 'empty file')) == 'a.png: empty file'
