@@ -43,7 +43,7 @@ def rowcol_loop(name, cfg, loader) -> float:
     state = dict(epoch=0, batch=0, step=0, nonfinite=0, loss_sum=0., count=0., seconds=0., losses=[])
     t = time.perf_counter()
     train_one_epoch(model, loader, opt, sched, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), cfg, state,
-                    torch.device('cpu'), Dist(), save=lambda st: None, progress=False)
+                    torch.device('cpu'), Dist(), progress=False)
     return state['count'] / (time.perf_counter() - t)
 
 

@@ -140,7 +140,7 @@ def _autocast(device: torch.device, amp: str):
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainConfig, state: dict,
                     device: torch.device, d: Dist, ema=None, mixup=None, erasing=None, scaler=None,
-                    save=None, progress: bool = True) -> dict:
+                    save=lambda state: None, progress: bool = True) -> dict:
     """One epoch from ``state['batch']``; ``state`` (epoch, batch, step, sums) is updated in place.
 
     Stops early, after saving, when a signal arrived on any process or at ``cfg.max_steps``.
