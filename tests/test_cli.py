@@ -171,8 +171,9 @@ def test_interrupted_compare_stops_with_the_signal_code(folder, tmp_path, monkey
     assert 'compare --resume' in capsys.readouterr().err
 
 
-def test_bad_auto_augment_string_is_named(folder, capsys):
-    assert main(['train', '--model', MODEL, '--data', str(folder), '--auto-augment', 'rand-x', *FAST]) == 2
+def test_bad_auto_augment_string_is_named(folder, tmp_path, capsys):
+    assert main(['train', '--model', MODEL, '--data', str(folder), '--auto-augment', 'bogus', '--output',
+                 str(tmp_path / 'r'), *FAST]) == 2
     assert '--auto-augment' in capsys.readouterr().err
 
 
