@@ -11,7 +11,6 @@ the arguments of each run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import signal
 import subprocess

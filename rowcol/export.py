@@ -56,7 +56,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ import torch.nn as nn
 
 import rowcol
 from rowcol.checkpoint import atomic_write, load_run
-from rowcol.errors import CheckpointError, ConfigError, RowcolError
+from rowcol.errors import ConfigError, RowcolError
 from rowcol.layers import tied_modules
 from rowcol.models import create_model
 from rowcol.stats import count_params, input_size_of
