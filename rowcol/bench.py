@@ -43,7 +43,6 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 import rowcol  # noqa: F401  (registers models)
 from rowcol.errors import ConfigError
 from rowcol.models import create_model, dense_twin
-from rowcol.runtime import resolve_device
+from rowcol.runtime import autocast, resolve_device
 from rowcol.stats import count_macs, count_params, input_size_of
 
 __all__ = ['bench', 'weight_copy_ops', 'format_bench', 'format_copies', 'add_arguments', 'run',
@@ -72,12 +71,6 @@ DEFAULTS = dict(mode='infer', batch_size=64, repeats=5, warmup=3, steps=10, late
 def _build(name: str, img_size: Optional[int], num_classes: Optional[int]) -> nn.Module:
     kwargs: dict[str, Any] = {} if num_classes is None else {'num_classes': num_classes}
     return create_model(name, img_size=img_size, **kwargs)
-
-
-def _autocast(device: torch.device, amp: Optional[str]):
-    if amp is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _sync(device: torch.device) -> None:
@@ -203,10 +196,10 @@ class _Runner:
 
     def step(self) -> None:
         if self.mode == 'infer':
-            with torch.inference_mode(), _autocast(self.device, self.amp):
+            with torch.inference_mode(), autocast(self.device, self.amp):
                 self.fn(self.x)
             return
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             out = self.fn(self.x)
             loss = F.cross_entropy(out.float(), self.y)
         loss.backward()
@@ -214,7 +207,7 @@ class _Runner:
         self.opt.zero_grad(set_to_none=True)
 
     def one(self) -> None:
-        with torch.inference_mode(), _autocast(self.device, self.amp):
+        with torch.inference_mode(), autocast(self.device, self.amp):
             self.fn(self.x1)
 
     def timed(self, fn: Callable[[], None], n: int) -> float:
@@ -458,7 +451,7 @@ def _weight_copy_ops(model_name: str, batch_size: int, img_size: Optional[int], 
     keys = _weight_keys(model)
 
     def fwd() -> torch.Tensor:
-        with _autocast(dev, amp):
+        with autocast(dev, amp):
             return model(x)
 
     def train_step() -> None:

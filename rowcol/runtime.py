@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 from rowcol.errors import ConfigError
 
-__all__ = ['Dist', 'resolve_device', 'init_distributed', 'all_reduce_sum', 'barrier']
+__all__ = ['Dist', 'resolve_device', 'autocast', 'init_distributed', 'all_reduce_sum', 'barrier']
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,13 @@ def resolve_device(device: Optional[str]) -> torch.device:
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' asked for, but CUDA is not available")
     return dev
+
+
+def autocast(device: torch.device, amp: Optional[str]):
+    """Mixed precision for ``amp`` in (None, 'none', 'bf16', 'fp16'); a no-op for none."""
+    if amp in (None, 'none'):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
 def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:

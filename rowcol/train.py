@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -38,7 +38,7 @@ from rowcol.data import save_split
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
 from rowcol.models import create_model, model_defaults
 from rowcol.pipeline import NAMED, build_data, seed_step_rngs
-from rowcol.runtime import Dist, all_reduce_sum, barrier, init_distributed
+from rowcol.runtime import Dist, all_reduce_sum, autocast, barrier, init_distributed
 
 __all__ = ['train', 'run_train', 'train_one_epoch', 'evaluate', 'TrainResult', 'Stop', 'load_run_config',
            'resume_config', 'plot_curves', 'read_metrics']
@@ -132,12 +132,6 @@ def compute_loss(criterion: nn.Module, output: torch.Tensor, target: torch.Tenso
     return criterion(output.float(), target)
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == 'none':
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
-
-
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainConfig, state: dict,
                     device: torch.device, d: Dist, ema=None, mixup=None, erasing=None, scaler=None,
                     save=lambda state: None, progress: bool = True) -> dict:
@@ -159,7 +153,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
             x = erasing(x)
         if mixup is not None:
             x, y = mixup(x, y)
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             loss = compute_loss(criterion, model(x), y)
         loss_value = loss.item()
         # one collective per step: non-finite losses, stop requests and the loss sum of all ranks
@@ -228,7 +222,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = 'none', 
         x, y = x.to(device), y.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = model(x).float()
         k = min(5, out.shape[1])
         topk = out.topk(k, dim=1).indices  # (B, k)
