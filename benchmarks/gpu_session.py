@@ -1,0 +1,181 @@
+"""One lent GPU session: the CUDA benches of docs/PERFORMANCE.md and the CIFAR-10 runs of docs/RESULTS.md.
+
+Run from the repository root on a CUDA machine, with the CIFAR-10 folder unpacked somewhere:
+
+    python benchmarks/gpu_session.py bench --out OUT            # rowcol bench, bf16 eager and compiled
+    python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420
+    python benchmarks/gpu_session.py pack --out OUT --dest FOLDER         # archives of the above
+
+``bench`` measures the three models of the speed target (PE vs dense twin, interleaved, in one process
+each) and writes one JSON file per measurement. ``train`` runs the protocol's training runs
+(docs/RESULTS.md, same flags as on the CPU) as ``--jobs`` concurrent processes on the one GPU, in the
+priority order of RUNS; at ``--deadline`` seconds the unfinished ones get SIGTERM, which makes
+``rowcol train`` write a resumable checkpoint. Run directories go to ``OUT/runs/<run>``.
+Concurrent runs share the GPU, so their wall times are not single-run costs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VIT = ['--recipe', 'cifar_vit', '--epochs', '25']
+RES = ['--recipe', 'cifar_resnet', '--epochs', '30', '--amp', 'bf16']
+
+
+def _run(model: str, seed: int, flags: list[str], tag: str = '', kwargs: dict | None = None) -> tuple[str, list[str]]:
+    name = f"{model}{'-' + tag if tag else ''}-s{seed}-h100"
+    args = ['--model', model, '--seed', str(seed), *flags]
+    if kwargs:
+        args += ['--model-kwargs', json.dumps(kwargs)]
+    return name, args
+
+
+# Priority order: main pairs (seeds 0, 1), the rest of the ResNet runs and the ablations, equal
+# parameters, then seed 2 of the pairs.
+RUNS = [
+    _run('vit_nano_patch4_32', 0, VIT), _run('vit_pe_nano_patch4_32', 0, VIT),
+    _run('vit_nano_patch4_32', 1, VIT), _run('vit_pe_nano_patch4_32', 1, VIT),
+    _run('resnet26_cifar', 0, RES), _run('resnet26_pe_cifar', 0, RES),
+    _run('resnet26_cifar', 1, RES), _run('resnet26_pe_cifar', 1, RES),
+    _run('resnet26_pe_all_cifar', 0, RES),
+    _run('vit_pe_nano_patch4_32', 0, VIT, 'attn_dense', {'attn_form': 'dense'}),
+    _run('vit_pe_nano_patch4_32', 0, VIT, 'attn_qk_vo', {'attn_form': 'qk_vo'}),
+    _run('vit_pe_nano_patch4_32', 0, VIT, 'attn_vo', {'attn_form': 'vo'}),
+    _run('vit_pe_nano_patch4_32', 0, VIT, 'mlp_identity', {'mlp_act': 'identity'}),
+    _run('resnet26_pe_cifar', 0, RES, 'tie_block', {'tie': 'block'}),
+    _run('vit_pe_nano_patch4_32', 0, VIT, 'depth12', {'depth': 12}),
+    _run('vit_pe_nano_patch4_32', 0, VIT, 'dim180', {'embed_dim': 180, 'num_heads': 4}),
+    _run('vit_nano_patch4_32', 2, VIT), _run('vit_pe_nano_patch4_32', 2, VIT),
+    _run('resnet26_cifar', 2, RES), _run('resnet26_pe_cifar', 2, RES),
+]
+
+# (file stem, rowcol bench flags); PE model first, its dense twin is --vs.
+BENCHES = [
+    ('vit_tiny32-infer', ['--model', 'vit_pe_tiny_patch4_32', '--mode', 'infer', '--batch-size', '256']),
+    ('vit_tiny32-train', ['--model', 'vit_pe_tiny_patch4_32', '--mode', 'train', '--batch-size', '256']),
+    ('vit_s16-infer', ['--model', 'vit_pe_small_patch16_224', '--mode', 'infer', '--batch-size', '128']),
+    ('vit_s16-train', ['--model', 'vit_pe_small_patch16_224', '--mode', 'train', '--batch-size', '128']),
+    ('r50-infer', ['--model', 'resnet50_pe', '--mode', 'infer', '--batch-size', '128', '--channels-last']),
+    ('r50-train', ['--model', 'resnet50_pe', '--mode', 'train', '--batch-size', '128', '--channels-last']),
+    ('vit_nano32-train', ['--model', 'vit_pe_nano_patch4_32', '--mode', 'train', '--batch-size', '128']),
+    ('r26cifar-train', ['--model', 'resnet26_pe_cifar', '--mode', 'train', '--batch-size', '128', '--channels-last']),
+]
+TIMING = ['--amp', 'bf16', '--warmup', '3', '--steps', '5', '--repeats', '5', '--latency-iters', '30', '--json']
+
+
+def _log(msg: str) -> None:
+    print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
+    t0 = time.time()
+    for compiled in compile_modes:
+        for stem, flags in BENCHES:
+            left = budget - (time.time() - t0)
+            if left < 20:
+                _log(f'skip {stem} compile={compiled}: out of time')
+                continue
+            cmd = [sys.executable, '-m', 'rowcol', 'bench', *flags, *TIMING] + (['--compile'] if compiled else [])
+            name = f"gpu-{stem}-bf16{'-compile' if compiled else ''}"
+            _log(f'{name}: {shlex.join(cmd[2:])}')
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 150))
+            except subprocess.TimeoutExpired:
+                _log(f'{name}: timed out')
+                continue
+            if p.returncode:
+                _log(f'{name}: failed\n{p.stderr[-2000:]}')
+                continue
+            (out / f'{name}.json').write_text(p.stdout)
+            r = json.loads(p.stdout)
+            _log(f"{name}: ratio_img_per_s {r.get('ratio_img_per_s')}")
+
+
+def train(out: Path, data: str, jobs: int, deadline: float) -> None:
+    runs_dir = out / 'runs'
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    queue, running, t0 = list(RUNS), {}, time.time()
+    status = {}
+    while queue or running:
+        for name, p in list(running.items()):
+            if p.poll() is not None:
+                status[name] = dict(rc=p.returncode, seconds=round(time.time() - p.started, 1))
+                _log(f'{name}: rc {p.returncode} after {status[name]["seconds"]} s')
+                del running[name]
+        if time.time() - t0 > deadline:
+            for name, p in running.items():
+                p.send_signal(signal.SIGTERM)
+            for name, p in running.items():
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                status[name] = dict(rc=p.returncode, seconds=round(time.time() - p.started, 1), stopped=True)
+                _log(f'{name}: stopped at the deadline (rc {p.returncode})')
+            for name, _ in queue:
+                status[name] = dict(not_started=True)
+            break
+        while queue and len(running) < jobs:
+            name, args = queue.pop(0)
+            cmd = [sys.executable, '-m', 'rowcol', 'train', *args, '--data', data, '--val-split', '0.1',
+                   '--device', 'cuda', '--output', str(runs_dir / name), '--quiet']
+            _log(f'start {name}: {shlex.join(cmd[2:])}')
+            log = open(out / f'{name}.log', 'w')
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            p.started = time.time()
+            running[name] = p
+        time.sleep(2)
+    (out / 'train_status.json').write_text(json.dumps(dict(jobs=jobs, deadline=deadline, runs=status), indent=1))
+
+
+def pack(work: Path, dest: Path, chunk: int = 15 << 20) -> None:
+    """Logs and JSON into dest/meta.tgz; run directories (no resumable state, no best-epoch copy) into
+    dest/runs.tar.00, .01, ... of at most ``chunk`` bytes, in RUNS order (``cat runs.tar.* | tar x``)."""
+    import tarfile
+    with tarfile.open(dest / 'meta.tgz', 'w:gz') as t:
+        for f in sorted(work.rglob('*')):
+            if f.is_file() and f.suffix in ('.log', '.json', '.txt') and 'runs' not in f.relative_to(work).parts:
+                t.add(f, str(f.relative_to(work)))
+    whole = work / 'runs.tar'
+    with tarfile.open(whole, 'w') as t:
+        for name, _ in RUNS:
+            d = work / 'train' / 'runs' / name
+            for f in sorted(d.rglob('*')) if d.is_dir() else []:
+                if f.is_file() and f.name not in ('train_state.pt', 'model_best.safetensors'):
+                    t.add(f, str(f.relative_to(work / 'train')))
+    data = whole.read_bytes()
+    for i in range(0, len(data), chunk):
+        (dest / f'runs.tar.{i // chunk:02d}').write_bytes(data[i:i + chunk])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('phase', choices=['bench', 'train', 'pack'])
+    ap.add_argument('--out', type=Path, required=True)
+    ap.add_argument('--data', help='CIFAR-10 train folder (train phase)')
+    ap.add_argument('--jobs', type=int, default=10, help='concurrent training processes')
+    ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both', help='bench eager, compiled or both')
+    ap.add_argument('--dest', type=Path, help='pack: where the archives go')
+    ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.phase == 'bench':
+        bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (False, True)}[a.compile])
+    elif a.phase == 'pack':
+        pack(a.out, a.dest)
+    else:
+        if not a.data:
+            ap.error('train needs --data')
+        train(a.out, a.data, a.jobs, a.deadline)
+
+
+if __name__ == '__main__':
+    main()
