@@ -1,20 +1,23 @@
-"""Write results/<dataset>/summary.json from the run directories beside it.
+"""Write results/<dataset>/summary.json from the run directories beside it, print the mean ± std
+table of docs/RESULTS.md, and plot validation curves per model family (curves-<family>.png).
 
     python benchmarks/summarize_results.py results/cifar10
 
-One entry per finished or unfinished run: run, model, dense (its dense twin, or null for a dense
+One entry per finished run (unfinished ones are named on stderr and left out): run, model, dense (its dense twin, or null for a dense
 model), seed, params, epochs (completed), val_top1 / val_top5 (last epoch), best_val_top1,
 wall_seconds (training plus per-epoch evaluation time, summed over epochs; runs made before
-``eval_seconds`` was logged count training time only), amp, model_kwargs.
+``eval_seconds`` was logged count training time only), amp, device (``cuda``: the lent H100, with
+other runs sharing it, see docs/RESULTS.md; ``cpu``: the 2-core VM), model_kwargs.
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from rowcol.checkpoint import write_json
 from rowcol.models import create_model, dense_twin
 from rowcol.stats import count_params
-from rowcol.train import read_metrics
+from rowcol.train import plot_curves, read_metrics
 
 
 def summarize(root: Path) -> list[dict]:
@@ -30,13 +33,53 @@ def summarize(root: Path) -> list[dict]:
                          val_top1=last.get('val_top1'), val_top5=last.get('val_top5'),
                          best_val_top1=max((r['val_top1'] for r in rows), default=None),
                          wall_seconds=round(sum(r['seconds'] + r.get('eval_seconds', 0) for r in rows), 1),
-                         amp=cfg['amp'],
+                         amp=cfg['amp'], device=cfg.get('device') or 'cpu',
                          model_kwargs=cfg.get('model_kwargs', {})))
     return runs
+
+
+def _variant(run: dict) -> str:
+    return ', '.join(f'{k}={v}' for k, v in sorted(run['model_kwargs'].items())) or '-'
+
+
+def _mean_std(xs: list[float]) -> str:
+    return f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}' if len(xs) > 1 else f'{xs[0]:.2f}'
+
+
+def table(runs: list[dict]) -> str:
+    """Finished runs grouped by (model, model_kwargs, device) over seeds: mean ± sample std."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r['model'], _variant(r), r['device']), []).append(r)
+    lines = ['| model | variant | device | params | epochs | seeds | val top-1 (%) | val top-5 (%) |',
+             '|---|---|---|---|---|---|---|---|']
+    for (model, variant, device), rs in sorted(groups.items(), key=lambda kv: (kv[1][0]['dense'] or kv[0][0], kv[0])):
+        lines.append(f"| {model} | {variant} | {device} | {rs[0]['params']:,} | {rs[0]['epochs']} | "
+                     f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
+                     f"{_mean_std([r['val_top1'] for r in rs])} | {_mean_std([r['val_top5'] for r in rs])} |")
+    return '\n'.join(lines)
+
+
+def plot_families(root: Path, runs: list[dict]) -> list[Path]:
+    """One curves-<family>.png per model family (the first word of the dense twin's name)."""
+    families: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        family = (r['dense'] or r['model']).split('_')[0]
+        families.setdefault(family, {})[r['run']] = read_metrics(root / r['run'])
+    paths = []
+    for family, curves in sorted(families.items()):
+        paths.append(root / f'curves-{family}.png')
+        plot_curves(paths[-1], curves)
+    return paths
 
 
 if __name__ == '__main__':
     root = Path(sys.argv[1] if len(sys.argv) > 1 else 'results/cifar10')
     runs = summarize(root)
+    for r in runs:
+        if r['epochs'] < r['planned_epochs']:
+            print(f"unfinished, left out: {r['run']} ({r['epochs']}/{r['planned_epochs']} epochs)", file=sys.stderr)
+    runs = [r for r in runs if r['epochs'] >= r['planned_epochs']]
     write_json(root / 'summary.json', runs)
-    print(json.dumps(runs, indent=2))
+    plot_families(root, runs)
+    print(table(runs))

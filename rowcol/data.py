@@ -20,6 +20,7 @@ sets, and :func:`save_split` / :func:`load_split` keep a validation split for ev
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -457,11 +458,26 @@ def stratified_subset(labels: Sequence[int] | torch.Tensor, n: int, seed: int) -
     return sorted(chosen)
 
 
+def files_fingerprint(samples: Samples, root: str | Path) -> str:
+    """sha256 of the (path relative to ``root``, size) list of ``samples``: a copy of the same image
+    folder under another path has the same fingerprint."""
+    h = hashlib.sha256()
+    for p in samples.paths:
+        h.update(f'{Path(os.path.relpath(p, root)).as_posix()}\t{os.path.getsize(p)}\n'.encode())
+    return h.hexdigest()
+
+
 def save_split(path: str | Path, train_idx: Sequence[int], val_idx: Sequence[int], *,
-               seed: int, val_frac: float, num_samples: int) -> None:
-    """Write a train/val index split as JSON, atomically (temp file + ``os.replace``)."""
+               seed: int, val_frac: float, num_samples: int, files: str | None = None) -> None:
+    """Write a train/val index split as JSON, atomically (temp file + ``os.replace``).
+
+    ``files``: :func:`files_fingerprint` of the images the indices point into, so that ``rowcol
+    eval`` recognises the run's training data when it has moved.
+    """
     record = {'seed': int(seed), 'val_frac': float(val_frac), 'num_samples': int(num_samples),
               'train': [int(i) for i in train_idx], 'val': [int(i) for i in val_idx]}
+    if files:
+        record['files'] = files
 
     def write(tmp: str) -> None:
         with open(tmp, 'w') as file:

@@ -1,7 +1,8 @@
 """``rowcol eval``: score a run directory on a folder of class folders.
 
 Reuses the run's validation split (``split.json``) when ``--data`` is the run's own training
-data, so the numbers match the ones logged in training; otherwise scores the evaluation part of
+data (the same path, or a copy elsewhere with the same file names and sizes), so the numbers
+match the ones logged in training; otherwise scores the evaluation part of
 ``--data`` (a bare folder of class folders: every image; a train/val layout: ``val/``; CIFAR:
 the test set). Class names must match the checkpoint's, in order.
 """
@@ -17,17 +18,20 @@ from rowcol.config import config_from_dict
 from rowcol.data import load_split
 from rowcol.errors import DataError
 from rowcol.models import model_defaults
-from rowcol.pipeline import NAMED, build_eval_data
+from rowcol.pipeline import NAMED, build_eval_data, data_fingerprint
 from rowcol.runtime import resolve_device
 from rowcol.train import evaluate
 
 __all__ = ['evaluate_run', 'plot_confusion']
 
 
-def _same_data(data: str, run_data: str) -> bool:
+def _same_data(data: str, run_data: str, record: dict) -> bool:
+    """Is ``data`` the run's training data: the same path, or the same files elsewhere?"""
     if data in NAMED or run_data in NAMED:
         return data == run_data
-    return Path(data).expanduser().resolve() == Path(run_data).expanduser().resolve()
+    if Path(data).expanduser().resolve() == Path(run_data).expanduser().resolve():
+        return True
+    return 'files' in record and record['files'] == data_fingerprint(data)
 
 
 def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: str = 'auto',
@@ -43,11 +47,11 @@ def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: s
     model, config = ckpt.load_run(run_dir, weights)
     cfg = config_from_dict(config, str(run_dir / ckpt.CONFIG))
     split_file = run_dir / 'split.json'
-    record = None
-    if split == 'val' or (split == 'auto' and split_file.exists() and _same_data(data, cfg.data)):
-        if not split_file.exists():
-            raise DataError(f'{split_file}: the run has no saved validation split')
-        record = load_split(split_file)
+    if split == 'val' and not split_file.exists():
+        raise DataError(f'{split_file}: the run has no saved validation split')
+    record = load_split(split_file) if split != 'all' and split_file.exists() else None
+    if split == 'auto' and record is not None and not _same_data(data, cfg.data, record):
+        record = None
     if batch_size:
         cfg.batch_size = batch_size
     defaults = model_defaults(cfg.model)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rowcol.config import TrainConfig
-from rowcol.data import (MemoryData, Samples, decode_to_memory, find_image_folder, load_digits_memory,
-                         load_image, load_torchvision_memory, scan_image_folder, stratified_split,
+from rowcol.data import (MemoryData, Samples, decode_to_memory, files_fingerprint, find_image_folder,
+                         load_digits_memory, load_image, load_torchvision_memory, scan_image_folder, stratified_split,
                          stratified_subset, FileDataset)
 from rowcol.errors import BadImageError, ConfigError, DataError
 from rowcol.runtime import Dist, barrier
@@ -232,6 +232,15 @@ def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int,
     return data
 
 
+def data_fingerprint(data: str) -> Optional[str]:
+    """:func:`rowcol.data.files_fingerprint` of the training images of an image folder (None for
+    named datasets)."""
+    if data in NAMED:
+        return None
+    root = find_image_folder(data, 'train')
+    return files_fingerprint(scan_image_folder(root), root)
+
+
 def _has_val_folder(data: str) -> bool:
     return data not in NAMED and (Path(data) / 'val').is_dir()
 
@@ -273,7 +282,8 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
         val = _load_source(cfg.val_data, eval_split(cfg.val_data), cfg, img_size, progress)
     elif cfg.val_split:
         tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.split_seed)
-        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx, val=va_idx)
+        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx,
+                     val=va_idx, files=data_fingerprint(cfg.data))
         train, val = _take(train, tr_idx), _take(train, va_idx)
     elif eval_split(cfg.data) != 'train':
         val = _load_source(cfg.data, eval_split(cfg.data), cfg, img_size, progress)

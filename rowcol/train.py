@@ -402,7 +402,8 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
                                                'world_size': d.world, 'rowcol_version': rowcol.__version__})
         if data.split is not None:
             save_split(output / 'split.json', data.split['train'], data.split['val'], seed=data.split['seed'],
-                       val_frac=data.split['val_frac'], num_samples=data.split['num_samples'])
+                       val_frac=data.split['val_frac'], num_samples=data.split['num_samples'],
+                       files=data.split.get('files'))
         if data.skipped:
             ckpt.write_json(output / 'skipped_images.json', [list(s) for s in data.skipped])
             print(f'skipped {len(data.skipped)} bad image(s); listed in {output / "skipped_images.json"}')

@@ -1,5 +1,6 @@
 """The command line end to end on tiny local data: params, train, eval, compare, and bad input."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,16 @@ def test_train_then_eval_json(folder, tmp_path, capsys):
     other = _folder(tmp_path / 'other', per_class=2)
     assert main(['eval', '--checkpoint', str(run), '--data', str(other), '--json', '--confusion', '']) == 0
     assert json.loads(capsys.readouterr().out)['num_images'] == 6
+    # the same images copied elsewhere are still the run's training data: its split is reused
+    moved = shutil.copytree(folder, tmp_path / 'moved')
+    assert main(['eval', '--checkpoint', str(run), '--data', str(moved), '--json', '--confusion', '']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res['split'] == 'val' and res['top1'] == pytest.approx(logged['val_top1'])
+    # ... but not once a file differs
+    Image.new('RGB', (16, 16)).save(moved / 'cat' / '000.png')
+    assert main(['eval', '--checkpoint', str(run), '--data', str(moved), '--json', '--confusion', '']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res['split'] == 'all' and res['num_images'] == 36
 
 
 def test_eval_rejects_other_classes_and_bad_checkpoints(folder, tmp_path, capsys):
