@@ -12,8 +12,8 @@ identity (the paper's break condition) and no bias, ``h = W x`` lies in col(W) a
 The measure is informative only where W has more rows than columns, as in the PE MLP (W is
 hidden × dim): a square attention W or the (m, C) ResNet stage W of full rank spans its whole
 output space, so nothing can lie outside it (those layers are marked ``col_space_is_all``).
-Also the singular values of every W, and of the dense twin's matrices for the same slot when a
-dense run is given (``--dense-checkpoint``), with a plot.
+Also the singular values of every W and its stable rank (Σσ²/σ_max²), and the same for the dense
+twin's matrices for the same slot when a dense run is given (``--dense-checkpoint``), with a plot.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from rowcol.models import model_defaults
 from rowcol.pipeline import build_eval_data
 from rowcol.runtime import resolve_device
 
-__all__ = ['outside_fraction', 'analyze_run', 'plot_analysis']
+__all__ = ['outside_fraction', 'stable_rank', 'analyze_run', 'plot_analysis']
 
 
 class _Energy:
@@ -87,6 +87,11 @@ def _spectrum(w: torch.Tensor) -> list[float]:
     return torch.linalg.svdvals(w.detach().double().flatten(1)).tolist()
 
 
+def stable_rank(singular_values: list[float]) -> float:
+    """‖W‖_F² / ‖W‖_2² = Σσ² / σ_max²: between 1 and rank(W); how spread out the spectrum is."""
+    return sum(s * s for s in singular_values) / max(max(singular_values) ** 2, 1e-300)
+
+
 def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Spectra of the dense twin's matrices that do the job of the tied W ``name``."""
     d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
@@ -126,7 +131,9 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
     cfg.batch_size = batch_size
     defaults = model_defaults(cfg.model)
     img_size = cfg.img_size or defaults['input_size'][-1]
-    loader, _ = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], progress=progress)
+    # a stratified subset: every class, not the first num_images files of a class-sorted folder
+    loader, _ = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], progress=progress,
+                                limit=num_images)
     dev = resolve_device(device)
     model.to(dev).eval()
     seen = 0
@@ -149,6 +156,8 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
             and torch.linalg.matrix_rank(m.weight.detach().double()).item() == m.weight.shape[0],
             outside_fraction=(e.outside / max(e.total, 1e-30)) if e else None,
             singular_values=_spectrum(m.weight), dense_singular_values=_dense_slots(name, dense)))
+        layers[-1].update(stable_rank=stable_rank(layers[-1]['singular_values']),
+                          dense_stable_rank={k: stable_rank(v) for k, v in layers[-1]['dense_singular_values'].items()})
     return dict(checkpoint=str(run_dir), model=cfg.model, data=str(data), num_images=seen,
                 dense_checkpoint=str(dense_run) if dense_run else None, layers=layers)
 

@@ -195,12 +195,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(json.dumps(res))
         return 0
     print(f"{res['model']} ({res['checkpoint']}) on {res['num_images']} images of {res['data']}")
-    print(f"{'tied layer':<28} {'W shape':>12} {'outside col(W)':>15} {'sigma_max/min':>14}")
+    print(f"{'tied layer':<28} {'W shape':>12} {'outside col(W)':>17} {'sigma_max/min':>14} {'stable rank':>12}"
+          f"  dense twin's stable ranks")
     for r in res['layers']:
         sv = r['singular_values']
         frac = '-' if r['outside_fraction'] is None else 'n/a (whole space)' if r['col_space_is_all'] \
             else f"{r['outside_fraction']:.4f}"
-        print(f"{r['name']:<28} {'x'.join(map(str, r['shape'])):>12} {frac:>15} {sv[0] / max(sv[-1], 1e-12):>14.1f}")
+        dense = ', '.join(f'{v:.1f}' for v in r['dense_stable_rank'].values())
+        print(f"{r['name']:<28} {'x'.join(map(str, r['shape'])):>12} {frac:>17} {sv[0] / max(sv[-1], 1e-12):>14.1f} "
+              f"{r['stable_rank']:>12.1f}  {dense}")
     if 'plot' in res:
         print(f"plot: {res['plot']}")
     return 0

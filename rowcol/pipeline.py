@@ -218,11 +218,16 @@ def _small_images(samples: Samples, skip_bad: bool, max_bad: int) -> bool:
     raise DataError(f'the first {max_bad + 1} image files cannot be read, more than --max-bad-images={max_bad}')
 
 
-def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int, progress: bool):
-    """A dataset (MemoryData or Samples) for a --data / --val-data value."""
+def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int, progress: bool,
+                 limit: Optional[int] = None):
+    """A dataset (MemoryData or Samples) for a --data / --val-data value; with ``limit``, a
+    stratified subset of at most that many images (seed 0), chosen before decoding."""
     if path_or_name in NAMED:
-        return _resize(_named_memory(path_or_name, train=split == 'train'), img_size)
+        data = _resize(_named_memory(path_or_name, train=split == 'train'), img_size)
+        return _take(data, stratified_subset(_labels(data), limit, 0)) if limit and limit < len(data) else data
     samples = scan_image_folder(find_image_folder(path_or_name, split))
+    if limit and limit < len(samples):
+        samples = _take(samples, stratified_subset(samples.labels, limit, 0))
     in_memory = cfg.in_memory if cfg.in_memory is not None else \
         _small_images(samples, cfg.skip_bad_images, cfg.max_bad_images)
     if not in_memory:
@@ -301,14 +306,15 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
 
 
 def build_eval_data(data: str, cfg: TrainConfig, img_size: int, mean, std, split: Optional[dict] = None,
-                    d: Dist = Dist(), progress: bool = False):
+                    d: Dist = Dist(), progress: bool = False, limit: Optional[int] = None):
     """A loader over ``data`` for evaluation, and its classes.
 
     With ``split`` (a run's ``split.json``), the validation indices of the run's training
-    images; otherwise the data's evaluation part (:func:`eval_split`).
+    images; otherwise the data's evaluation part (:func:`eval_split`), of which ``limit`` keeps a
+    stratified subset.
     """
     if split is None:
-        source = _load_source(data, eval_split(data), cfg, img_size, progress)
+        source = _load_source(data, eval_split(data), cfg, img_size, progress, limit)
     else:
         source = _load_source(data, 'train', cfg, img_size, progress)
         if len(_labels(source)) != split['num_samples']:

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from rowcol.analyze import _record, outside_fraction
+from rowcol.analyze import _record, outside_fraction, stable_rank
 from rowcol.cli import main
 from rowcol.models import create_model
 
@@ -48,3 +48,5 @@ def test_analyze_cli_on_a_run(tmp_path, capsys):
     assert res['layers'][names.index('blocks.0.attn.kv')]['col_space_is_all']  # square W: nothing outside
     assert set(mlp['dense_singular_values']) == {'blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc2.weight'}
     assert len(mlp['singular_values']) == 96
+    assert 1 <= mlp['stable_rank'] <= 96 and set(mlp['dense_stable_rank']) == set(mlp['dense_singular_values'])
+    assert stable_rank([2.0, 2.0, 0.0]) == 2 and stable_rank([3.0, 0.0]) == 1

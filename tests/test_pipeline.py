@@ -8,7 +8,8 @@ from PIL import Image
 
 from rowcol.config import resolve_config
 from rowcol.data import MemoryData
-from rowcol.pipeline import BatchAugment, MemoryLoader, build_data, eval_split
+from rowcol import pipeline
+from rowcol.pipeline import BatchAugment, MemoryLoader, build_data, build_eval_data, eval_split
 from rowcol.runtime import Dist
 
 
@@ -83,3 +84,16 @@ def test_validation_split_is_shared_by_every_run_seed():
     assert splits[0] == splits[1]
     other = build_data(resolve_config('digits', split_seed=7, batch_size=8), 16, (.5,) * 3, (.5,) * 3).split['val']
     assert other != splits[0]
+
+
+def test_eval_limit_takes_every_class_before_decoding(tmp_path, monkeypatch):
+    root = _split_layout(tmp_path / 'ds') / 'train'  # classes x, y: 6 images each, sorted by class
+    cfg = resolve_config('cifar_vit', data=str(root), batch_size=4)
+    decoded = []
+    real = pipeline.decode_to_memory
+    monkeypatch.setattr(pipeline, 'decode_to_memory', lambda s, **kw: decoded.append(len(s)) or real(s, **kw))
+    loader, classes = build_eval_data(str(root), cfg, 8, (.5,) * 3, (.5,) * 3, limit=4)
+    labels = torch.cat([y for _, y in loader.batches()])
+    assert decoded == [4] and sorted(labels.tolist()) == [0, 0, 1, 1]  # not the first 4 files (all 'x')
+    loader, _ = build_eval_data('digits', resolve_config('digits'), 16, (.5,) * 3, (.5,) * 3, limit=50)
+    assert len(torch.unique(torch.cat([y for _, y in loader.batches()]))) == 10
