@@ -3,14 +3,16 @@
 Run from the repository root on a CUDA machine, with the CIFAR-10 folder unpacked somewhere:
 
     python benchmarks/gpu_session.py bench --out OUT            # rowcol bench, bf16 eager and compiled
-    python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420
+    python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420 \
+        --done results/cifar10                                    # skip runs already there
     python benchmarks/gpu_session.py pack --out OUT --dest FOLDER         # archives of the above
 
 ``bench`` measures the three models of the speed target (PE vs dense twin, interleaved, in one process
 each) and writes one JSON file per measurement. ``train`` runs the protocol's training runs
 (docs/RESULTS.md, same flags as on the CPU) as ``--jobs`` concurrent processes on the one GPU, in the
 priority order of RUNS; at ``--deadline`` seconds the unfinished ones get SIGTERM, which makes
-``rowcol train`` write a resumable checkpoint. Run directories go to ``OUT/runs/<run>``.
+``rowcol train`` write a resumable checkpoint, and the next ``train`` call with the same ``--out``
+(on the same machine) resumes them. Run directories go to ``OUT/runs/<run>``.
 Concurrent runs share the GPU, so their wall times are not single-run costs.
 """
 from __future__ import annotations
@@ -50,6 +52,7 @@ RUNS = [
     _run('vit_pe_nano_patch4_32', 0, VIT, 'attn_vo', {'attn_form': 'vo'}),
     _run('vit_pe_nano_patch4_32', 0, VIT, 'mlp_identity', {'mlp_act': 'identity'}),
     _run('resnet26_pe_cifar', 0, RES, 'tie_block', {'tie': 'block'}),
+    _run('resnet26_pe_cifar', 0, RES, 'tie_none', {'tie': 'none'}),  # the layout without the tie
     _run('vit_pe_nano_patch4_32', 0, VIT, 'depth12', {'depth': 12}),
     _run('vit_pe_nano_patch4_32', 0, VIT, 'dim180', {'embed_dim': 180, 'num_heads': 4}),
     _run('vit_nano_patch4_32', 2, VIT), _run('vit_pe_nano_patch4_32', 2, VIT),
@@ -98,12 +101,26 @@ def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
             _log(f"{name}: ratio_img_per_s {r.get('ratio_img_per_s')}")
 
 
-def train(out: Path, data: str, jobs: int, deadline: float) -> None:
+def _finished(run_dir: Path) -> bool:
+    """A run directory whose metrics reach its planned epochs."""
+    try:
+        planned = json.loads((run_dir / 'config.json').read_text())['epochs']
+        return len((run_dir / 'metrics.jsonl').read_text().splitlines()) >= planned
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = None) -> None:
+    """Runs RUNS, skipping those finished in ``done`` (e.g. results/cifar10) or in ``out``;
+    a run stopped by an earlier call (``train_state.pt`` in ``out/runs/<run>``) is resumed."""
     runs_dir = out / 'runs'
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    queue, running, t0 = list(RUNS), {}, time.time()
-    status = {}
+    queue = [(n, a) for n, a in RUNS
+             if not _finished(runs_dir / n) and not (done and _finished(done / n.removesuffix('-h100')))
+             and not (done and _finished(done / n))]
+    running, t0, status = {}, time.time(), {}
+    _log(f'{len(queue)} of {len(RUNS)} runs to do')
     while queue or running:
         for name, p in list(running.items()):
             if p.poll() is not None:
@@ -125,10 +142,13 @@ def train(out: Path, data: str, jobs: int, deadline: float) -> None:
             break
         while queue and len(running) < jobs:
             name, args = queue.pop(0)
-            cmd = [sys.executable, '-m', 'rowcol', 'train', *args, '--data', data, '--val-split', '0.1',
-                   '--device', 'cuda', '--output', str(runs_dir / name), '--quiet']
+            if (runs_dir / name / 'train_state.pt').exists():
+                cmd = [sys.executable, '-m', 'rowcol', 'train', '--resume', str(runs_dir / name), '--quiet']
+            else:
+                cmd = [sys.executable, '-m', 'rowcol', 'train', *args, '--data', data, '--val-split', '0.1',
+                       '--device', 'cuda', '--output', str(runs_dir / name), '--quiet']
             _log(f'start {name}: {shlex.join(cmd[2:])}')
-            log = open(out / f'{name}.log', 'w')
+            log = open(out / f'{name}.log', 'a')
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             p.started = time.time()
             running[name] = p
@@ -137,20 +157,26 @@ def train(out: Path, data: str, jobs: int, deadline: float) -> None:
 
 
 def pack(work: Path, dest: Path, chunk: int = 15 << 20) -> None:
-    """Logs and JSON into dest/meta.tgz; run directories (no resumable state, no best-epoch copy) into
-    dest/runs.tar.00, .01, ... of at most ``chunk`` bytes, in RUNS order (``cat runs.tar.* | tar x``)."""
+    """Logs and JSON into dest/meta.tgz; run directories (no best-epoch copy; the resumable state
+    only of unfinished runs, last) into dest/runs.tar.00, .01, ... of at most ``chunk`` bytes, in
+    RUNS order (``cat runs.tar.* | tar x``). The device returns at most 64 MB: what is over is lost
+    from the end, so unfinished runs' states go last."""
     import tarfile
     with tarfile.open(dest / 'meta.tgz', 'w:gz') as t:
         for f in sorted(work.rglob('*')):
             if f.is_file() and f.suffix in ('.log', '.json', '.txt') and 'runs' not in f.relative_to(work).parts:
                 t.add(f, str(f.relative_to(work)))
     whole = work / 'runs.tar'
+    dirs = [work / 'train' / 'runs' / name for name, _ in RUNS]
+    dirs = [d for d in dirs if d.is_dir()]
     with tarfile.open(whole, 'w') as t:
-        for name, _ in RUNS:
-            d = work / 'train' / 'runs' / name
-            for f in sorted(d.rglob('*')) if d.is_dir() else []:
+        for d in dirs:
+            for f in sorted(d.rglob('*')):
                 if f.is_file() and f.name not in ('train_state.pt', 'model_best.safetensors'):
                     t.add(f, str(f.relative_to(work / 'train')))
+        for d in dirs:
+            if not _finished(d) and (d / 'train_state.pt').is_file():
+                t.add(d / 'train_state.pt', str((d / 'train_state.pt').relative_to(work / 'train')))
     data = whole.read_bytes()
     for i in range(0, len(data), chunk):
         (dest / f'runs.tar.{i // chunk:02d}').write_bytes(data[i:i + chunk])
@@ -164,6 +190,8 @@ def main() -> None:
     ap.add_argument('--jobs', type=int, default=10, help='concurrent training processes')
     ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both', help='bench eager, compiled or both')
     ap.add_argument('--dest', type=Path, help='pack: where the archives go')
+    ap.add_argument('--done', type=Path, help='train: skip runs finished in this results folder (with or '
+                    'without the -h100 suffix)')
     ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +202,7 @@ def main() -> None:
     else:
         if not a.data:
             ap.error('train needs --data')
-        train(a.out, a.data, a.jobs, a.deadline)
+        train(a.out, a.data, a.jobs, a.deadline, a.done)
 
 
 if __name__ == '__main__':
