@@ -3,6 +3,7 @@
 Run from the repository root on a CUDA machine, with the CIFAR-10 folder unpacked somewhere:
 
     python benchmarks/gpu_session.py bench --out OUT            # rowcol bench, bf16 eager and compiled
+    python benchmarks/gpu_session.py profile --out OUT          # top kernels, PE next to dense
     python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420 \
         --done results/cifar10                                    # skip runs already there
     python benchmarks/gpu_session.py pack --out OUT --dest FOLDER         # archives of the above
@@ -101,6 +102,42 @@ def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
             _log(f"{name}: ratio_img_per_s {r.get('ratio_img_per_s')}")
 
 
+def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
+    """Per model pair of BENCHES (bf16, train and infer): the top kernels of ``steps`` steps under
+    torch.profiler, PE and dense, into profile-<stem>.txt: where the PE model's extra time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from rowcol.bench import _Runner
+    from rowcol.models import dense_twin
+    from rowcol.runtime import resolve_device
+    dev = resolve_device(None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    key = 'self_cuda_time_total' if dev.type == 'cuda' else 'self_cpu_time_total'
+    for stem, flags in BENCHES:
+        if only and stem not in only:
+            continue
+        opts = dict(zip(flags[::2], flags[1::2]))
+        model, mode, bs = opts['--model'], opts['--mode'], int(opts['--batch-size'])
+        text = []
+        for name in (model, dense_twin(model)):
+            r = _Runner(name, mode=mode, device=dev, batch_size=bs, img_size=None, num_classes=None, amp='bf16',
+                        compile=False, channels_last='--channels-last' in flags, optimizer='sgd')
+            for _ in range(3):
+                r.step()
+            torch.cuda.synchronize() if dev.type == 'cuda' else None
+            with torch_profile(activities=acts) as prof:
+                for _ in range(steps):
+                    r.step()
+                torch.cuda.synchronize() if dev.type == 'cuda' else None
+            events = prof.key_averages()
+            text.append(f'== {name} {mode} bs{bs} bf16, {steps} steps: {sum(e.count for e in events)} op calls\n'
+                        + events.table(sort_by=key, row_limit=30))
+            del r
+        (out / f'profile-{stem}.txt').write_text('\n\n'.join(text))
+        _log(f'profile-{stem}.txt written')
+
+
 def _finished(run_dir: Path) -> bool:
     """A run directory whose metrics reach its planned epochs."""
     try:
@@ -184,12 +221,13 @@ def pack(work: Path, dest: Path, chunk: int = 15 << 20) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('phase', choices=['bench', 'train', 'pack'])
+    ap.add_argument('phase', choices=['bench', 'profile', 'train', 'pack'])
     ap.add_argument('--out', type=Path, required=True)
     ap.add_argument('--data', help='CIFAR-10 train folder (train phase)')
     ap.add_argument('--jobs', type=int, default=10, help='concurrent training processes')
     ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both', help='bench eager, compiled or both')
     ap.add_argument('--dest', type=Path, help='pack: where the archives go')
+    ap.add_argument('--only', nargs='+', help='profile: only these BENCHES stems')
     ap.add_argument('--done', type=Path, help='train: skip runs finished in this results folder (with or '
                     'without the -h100 suffix)')
     ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
@@ -197,6 +235,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.phase == 'bench':
         bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (False, True)}[a.compile])
+    elif a.phase == 'profile':
+        profile(a.out, only=a.only)
     elif a.phase == 'pack':
         pack(a.out, a.dest)
     else:
