@@ -6,7 +6,7 @@ Run from the repository root on a CUDA machine, with the CIFAR-10 folder unpacke
     python benchmarks/gpu_session.py profile --out OUT          # top kernels, PE next to dense
     python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420 \
         --done results/cifar10                                    # skip runs already there
-    python benchmarks/gpu_session.py pack --out OUT --dest FOLDER         # archives of the above
+    python benchmarks/gpu_session.py pack --out OUT --dest FOLDER  # archives of OUT (runs in OUT/runs or OUT/train/runs)
 
 ``bench`` measures the three models of the speed target (PE vs dense twin, interleaved, in one process
 each) and writes one JSON file per measurement. ``train`` runs the protocol's training runs
@@ -167,23 +167,25 @@ def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = 
         if time.time() - t0 > deadline:
             for name, p in running.items():
                 p.send_signal(signal.SIGTERM)
+            grace = time.time() + 60  # for all of them together
             for name, p in running.items():
                 try:
-                    p.wait(timeout=60)
+                    p.wait(timeout=max(1., grace - time.time()))
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()
                 status[name] = dict(rc=p.returncode, seconds=round(time.time() - p.started, 1), stopped=True)
                 _log(f'{name}: stopped at the deadline (rc {p.returncode})')
             for name, _ in queue:
                 status[name] = dict(not_started=True)
             break
-        while queue and len(running) < jobs:
+        while queue and len(running) < jobs and time.time() - t0 < deadline - 60:  # no start just to stop
             name, args = queue.pop(0)
             if (runs_dir / name / 'train_state.pt').exists():
                 cmd = [sys.executable, '-m', 'rowcol', 'train', '--resume', str(runs_dir / name), '--quiet']
-            else:
+            else:  # --overwrite: a run stopped before its first checkpoint starts again
                 cmd = [sys.executable, '-m', 'rowcol', 'train', *args, '--data', data, '--val-split', '0.1',
-                       '--device', 'cuda', '--output', str(runs_dir / name), '--quiet']
+                       '--device', 'cuda', '--output', str(runs_dir / name), '--overwrite', '--quiet']
             _log(f'start {name}: {shlex.join(cmd[2:])}')
             log = open(out / f'{name}.log', 'a')
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -199,21 +201,25 @@ def pack(work: Path, dest: Path, chunk: int = 15 << 20) -> None:
     RUNS order (``cat runs.tar.* | tar x``). The device returns at most 64 MB: what is over is lost
     from the end, so unfinished runs' states go last."""
     import tarfile
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob('runs.tar.*'):
+        old.unlink()
+    runs = next((r for r in (work / 'runs', work / 'train' / 'runs') if r.is_dir()), work / 'runs')
     with tarfile.open(dest / 'meta.tgz', 'w:gz') as t:
         for f in sorted(work.rglob('*')):
             if f.is_file() and f.suffix in ('.log', '.json', '.txt') and 'runs' not in f.relative_to(work).parts:
                 t.add(f, str(f.relative_to(work)))
     whole = work / 'runs.tar'
-    dirs = [work / 'train' / 'runs' / name for name, _ in RUNS]
-    dirs = [d for d in dirs if d.is_dir()]
+    dirs = [runs / name for name, _ in RUNS if (runs / name).is_dir()]
+    _log(f'packing {len(dirs)} run directories from {runs}')
     with tarfile.open(whole, 'w') as t:
         for d in dirs:
             for f in sorted(d.rglob('*')):
                 if f.is_file() and f.name not in ('train_state.pt', 'model_best.safetensors'):
-                    t.add(f, str(f.relative_to(work / 'train')))
+                    t.add(f, str(f.relative_to(runs.parent)))
         for d in dirs:
             if not _finished(d) and (d / 'train_state.pt').is_file():
-                t.add(d / 'train_state.pt', str((d / 'train_state.pt').relative_to(work / 'train')))
+                t.add(d / 'train_state.pt', str((d / 'train_state.pt').relative_to(runs.parent)))
     data = whole.read_bytes()
     for i in range(0, len(data), chunk):
         (dest / f'runs.tar.{i // chunk:02d}').write_bytes(data[i:i + chunk])
@@ -238,6 +244,8 @@ def main() -> None:
     elif a.phase == 'profile':
         profile(a.out, only=a.only)
     elif a.phase == 'pack':
+        if not a.dest:
+            ap.error('pack needs --dest')
         pack(a.out, a.dest)
     else:
         if not a.data:

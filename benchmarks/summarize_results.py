@@ -7,7 +7,8 @@ One entry per finished run (unfinished ones are named on stderr and left out): r
 model), seed, params, epochs (completed), val_top1 / val_top5 (last epoch), best_val_top1,
 wall_seconds (training plus per-epoch evaluation time, summed over epochs; runs made before
 ``eval_seconds`` was logged count training time only), amp, device (``cuda``: the lent H100, with
-other runs sharing it, see docs/RESULTS.md; ``cpu``: the 2-core VM), model_kwargs.
+other runs sharing it, see docs/RESULTS.md; ``cpu``: the 2-core VM; runs made before
+``device_used`` was recorded and without ``--device`` ran on the CPU), model_kwargs.
 """
 import json
 import statistics
@@ -33,7 +34,7 @@ def summarize(root: Path) -> list[dict]:
                          val_top1=last.get('val_top1'), val_top5=last.get('val_top5'),
                          best_val_top1=max((r['val_top1'] for r in rows), default=None),
                          wall_seconds=round(sum(r['seconds'] + r.get('eval_seconds', 0) for r in rows), 1),
-                         amp=cfg['amp'], device=cfg.get('device') or 'cpu',
+                         amp=cfg['amp'], device=(cfg.get('device_used') or cfg.get('device') or 'cpu').split(':')[0],
                          model_kwargs=cfg.get('model_kwargs', {})))
     return runs
 
@@ -50,7 +51,8 @@ def table(runs: list[dict]) -> str:
     """Finished runs grouped by (model, model_kwargs, device) over seeds: mean ± sample std."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r['model'], _variant(r), r['device']), []).append(r)
+        if r['val_top1'] is not None:
+            groups.setdefault((r['model'], _variant(r), r['device']), []).append(r)
     lines = ['| model | variant | device | params | epochs | seeds | val top-1 (%) | val top-5 (%) |',
              '|---|---|---|---|---|---|---|---|']
     for (model, variant, device), rs in sorted(groups.items(), key=lambda kv: (kv[1][0]['dense'] or kv[0][0], kv[0])):

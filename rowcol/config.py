@@ -227,6 +227,7 @@ def resolve_config(recipe: Optional[str] = None, **overrides: Any) -> TrainConfi
 
 def config_from_dict(d: dict, where: str = 'config') -> TrainConfig:
     """A config read back from JSON; keys written by rowcol besides the config are ignored."""
-    d = {k: v for k, v in d.items() if k not in ('classes', 'num_classes', 'rowcol_version', 'world_size')}
+    written = ('classes', 'num_classes', 'rowcol_version', 'world_size', 'device_used')
+    d = {k: v for k, v in d.items() if k not in written}
     _check_keys(d, where)
     return TrainConfig(**d).validate()

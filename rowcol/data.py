@@ -460,7 +460,8 @@ def stratified_subset(labels: Sequence[int] | torch.Tensor, n: int, seed: int) -
 
 def files_fingerprint(samples: Samples, root: str | Path) -> str:
     """sha256 of the (path relative to ``root``, size) list of ``samples``: a copy of the same image
-    folder under another path has the same fingerprint."""
+    folder under another path has the same fingerprint (``root`` is the ``--data`` folder, so
+    ``ds`` with ``ds/train/...`` and ``ds/train`` itself differ)."""
     h = hashlib.sha256()
     for p in samples.paths:
         h.update(f'{Path(os.path.relpath(p, root)).as_posix()}\t{os.path.getsize(p)}\n'.encode())

@@ -25,13 +25,38 @@ from rowcol.train import evaluate
 __all__ = ['evaluate_run', 'plot_confusion']
 
 
-def _same_data(data: str, run_data: str, record: dict) -> bool:
-    """Is ``data`` the run's training data: the same path, or the same files elsewhere?"""
+def _same_path(data: str, run_data: str) -> bool:
     if data in NAMED or run_data in NAMED:
         return data == run_data
-    if Path(data).expanduser().resolve() == Path(run_data).expanduser().resolve():
-        return True
-    return 'files' in record and record['files'] == data_fingerprint(data)
+    return Path(data).expanduser().resolve() == Path(run_data).expanduser().resolve()
+
+
+def _same_files(data: str, record: dict) -> bool:
+    """Does the image folder ``data`` hold the files the split was made from (moved elsewhere)?"""
+    if data in NAMED or 'files' not in record:
+        return False
+    try:
+        return record['files'] == data_fingerprint(data, record['num_samples'])
+    except DataError:  # e.g. a folder with only val/: not the run's training data
+        return False
+
+
+def _run_split(split_file: Path, split: str, data: str, run_data: str) -> Optional[dict]:
+    """The run's split record if ``split`` asks for it (``val``) or ``data`` is the run's own
+    training data (``auto``); else None."""
+    if split == 'all':
+        return None
+    if split == 'val' and not split_file.exists():
+        raise DataError(f'{split_file}: the run has no saved validation split')
+    if split == 'val' or (split_file.exists() and _same_path(data, run_data)):
+        return load_split(split_file)
+    if not split_file.exists():
+        return None
+    try:
+        record = load_split(split_file)
+    except DataError:  # unreadable, and --data is another folder: score all of it
+        return None
+    return record if _same_files(data, record) else None
 
 
 def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: str = 'auto',
@@ -46,12 +71,7 @@ def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: s
         raise DataError(f"--split must be auto, val or all, got '{split}'")
     model, config = ckpt.load_run(run_dir, weights)
     cfg = config_from_dict(config, str(run_dir / ckpt.CONFIG))
-    split_file = run_dir / 'split.json'
-    if split == 'val' and not split_file.exists():
-        raise DataError(f'{split_file}: the run has no saved validation split')
-    record = load_split(split_file) if split != 'all' and split_file.exists() else None
-    if split == 'auto' and record is not None and not _same_data(data, cfg.data, record):
-        record = None
+    record = _run_split(run_dir / 'split.json', split, data, cfg.data)
     if batch_size:
         cfg.batch_size = batch_size
     defaults = model_defaults(cfg.model)

@@ -237,13 +237,15 @@ def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int,
     return data
 
 
-def data_fingerprint(data: str) -> Optional[str]:
-    """:func:`rowcol.data.files_fingerprint` of the training images of an image folder (None for
-    named datasets)."""
+def data_fingerprint(data: str, expect: Optional[int] = None) -> Optional[str]:
+    """:func:`rowcol.data.files_fingerprint` of the training images of an image folder; None for
+    named datasets, and (without reading file sizes) when there are not ``expect`` images."""
     if data in NAMED:
         return None
-    root = find_image_folder(data, 'train')
-    return files_fingerprint(scan_image_folder(root), root)
+    samples = scan_image_folder(find_image_folder(data, 'train'))
+    if expect is not None and len(samples) != expect:
+        return None
+    return files_fingerprint(samples, data)
 
 
 def _has_val_folder(data: str) -> bool:
@@ -288,7 +290,7 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
     elif cfg.val_split:
         tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.split_seed)
         split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx,
-                     val=va_idx, files=data_fingerprint(cfg.data))
+                     val=va_idx)
         train, val = _take(train, tr_idx), _take(train, va_idx)
     elif eval_split(cfg.data) != 'train':
         val = _load_source(cfg.data, eval_split(cfg.data), cfg, img_size, progress)

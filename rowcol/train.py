@@ -37,7 +37,7 @@ from rowcol.config import RESUMABLE, TrainConfig, config_from_dict
 from rowcol.data import save_split
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
 from rowcol.models import create_model, model_defaults
-from rowcol.pipeline import NAMED, build_data, seed_step_rngs
+from rowcol.pipeline import NAMED, build_data, data_fingerprint, seed_step_rngs
 from rowcol.runtime import Dist, all_reduce_sum, autocast, barrier, init_distributed
 
 __all__ = ['train', 'run_train', 'train_one_epoch', 'evaluate', 'TrainResult', 'Stop', 'load_run_config',
@@ -399,11 +399,12 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
         if overwrite:
             clear_run_dir(output)
         ckpt.write_json(output / ckpt.CONFIG, {**asdict(cfg), 'num_classes': num_classes, 'classes': data.classes,
-                                               'world_size': d.world, 'rowcol_version': rowcol.__version__})
+                                               'world_size': d.world, 'device_used': device.type,
+                                               'rowcol_version': rowcol.__version__})
         if data.split is not None:
             save_split(output / 'split.json', data.split['train'], data.split['val'], seed=data.split['seed'],
                        val_frac=data.split['val_frac'], num_samples=data.split['num_samples'],
-                       files=data.split.get('files'))
+                       files=data_fingerprint(cfg.data, data.split['num_samples']))
         if data.skipped:
             ckpt.write_json(output / 'skipped_images.json', [list(s) for s in data.skipped])
             print(f'skipped {len(data.skipped)} bad image(s); listed in {output / "skipped_images.json"}')

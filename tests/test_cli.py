@@ -155,6 +155,27 @@ def test_eval_reuses_the_split_of_a_train_val_layout(tmp_path, capsys, monkeypat
     assert json.loads(capsys.readouterr().out)['num_images'] == 6  # ds/val
 
 
+def test_eval_tells_the_training_folder_from_its_parent_and_from_a_val_only_folder(tmp_path, capsys):
+    root = tmp_path / 'ds'
+    _folder(root / 'train')
+    _folder(root / 'val', per_class=2)
+    run = tmp_path / 'run'
+    assert main(['train', '--model', MODEL, '--data', str(root / 'train'), '--val-split', '0.25',
+                 '--output', str(run), *FAST]) == 0
+    assert json.loads((run / 'split.json').read_text())['files']  # fingerprinted
+    assert json.loads((run / 'config.json').read_text())['device_used'] == 'cpu'
+    capsys.readouterr()
+    scored = {}
+    held_out = shutil.copytree(root / 'val', tmp_path / 'held_out' / 'val')  # a folder with only val/
+    copy = shutil.copytree(root / 'train', tmp_path / 'copy')
+    for name, data in (('parent', root), ('val_only', held_out.parent), ('copy', copy)):
+        assert main(['eval', '--checkpoint', str(run), '--data', str(data), '--json', '--confusion', '']) == 0
+        res = json.loads(capsys.readouterr().out)
+        scored[name] = (res['split'], res['num_images'])
+    # ds/ holds ds/train/... : not the run's folder, so its val/ part is scored
+    assert scored == {'parent': ('all', 6), 'val_only': ('all', 6), 'copy': ('val', 9)}
+
+
 def test_compare_sends_pe_only_kwargs_to_the_pe_run(folder, tmp_path):
     out = tmp_path / 'cmp'
     assert main(['compare', '--model', MODEL, '--data', str(folder), '--output', str(out), '--max-steps', '1',

@@ -96,4 +96,4 @@ def test_eval_limit_takes_every_class_before_decoding(tmp_path, monkeypatch):
     labels = torch.cat([y for _, y in loader.batches()])
     assert decoded == [4] and sorted(labels.tolist()) == [0, 0, 1, 1]  # not the first 4 files (all 'x')
     loader, _ = build_eval_data('digits', resolve_config('digits'), 16, (.5,) * 3, (.5,) * 3, limit=50)
-    assert len(torch.unique(torch.cat([y for _, y in loader.batches()]))) == 10
+    assert loader.num_images == 50 and len(torch.unique(torch.cat([y for _, y in loader.batches()]))) == 10
