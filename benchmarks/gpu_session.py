@@ -87,7 +87,7 @@ def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
                 _log(f'skip {stem} compile={compiled}: out of time')
                 continue
             cmd = [sys.executable, '-m', 'rowcol', 'bench', *flags, *TIMING] + (['--compile'] if compiled else [])
-            name = f"gpu-{stem}-bf16{'-compile' if compiled else ''}"
+            name = f"bench-{stem}-bf16{'-compile' if compiled else ''}"  # as benchmarks/perf_tables.py reads
             _log(f'{name}: {shlex.join(cmd[2:])}')
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, 150))
@@ -105,10 +105,9 @@ def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
 def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
     """Per model pair of BENCHES (bf16, train and infer): the top kernels of ``steps`` steps under
     torch.profiler, PE and dense, into profile-<stem>.txt: where the PE model's extra time goes."""
-    import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from rowcol.bench import _Runner
+    from rowcol.bench import _Runner, _sync
     from rowcol.models import dense_twin
     from rowcol.runtime import resolve_device
     dev = resolve_device(None)
@@ -125,11 +124,11 @@ def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
                         compile=False, channels_last='--channels-last' in flags, optimizer='sgd')
             for _ in range(3):
                 r.step()
-            torch.cuda.synchronize() if dev.type == 'cuda' else None
+            _sync(dev)
             with torch_profile(activities=acts) as prof:
                 for _ in range(steps):
                     r.step()
-                torch.cuda.synchronize() if dev.type == 'cuda' else None
+                _sync(dev)
             events = prof.key_averages()
             text.append(f'== {name} {mode} bs{bs} bf16, {steps} steps: {sum(e.count for e in events)} op calls\n'
                         + events.table(sort_by=key, row_limit=30))
@@ -140,9 +139,9 @@ def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
 
 def _finished(run_dir: Path) -> bool:
     """A run directory whose metrics reach its planned epochs."""
+    from rowcol.train import read_metrics
     try:
-        planned = json.loads((run_dir / 'config.json').read_text())['epochs']
-        return len((run_dir / 'metrics.jsonl').read_text().splitlines()) >= planned
+        return len(read_metrics(run_dir)) >= json.loads((run_dir / 'config.json').read_text())['epochs']
     except (OSError, ValueError, KeyError):
         return False
 
@@ -153,9 +152,9 @@ def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = 
     runs_dir = out / 'runs'
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    places = [runs_dir] + ([done] if done else [])  # in done/ also the same run made on the CPU
     queue = [(n, a) for n, a in RUNS
-             if not _finished(runs_dir / n) and not (done and _finished(done / n.removesuffix('-h100')))
-             and not (done and _finished(done / n))]
+             if not any(_finished(p / m) for p in places for m in (n, n.removesuffix('-h100')))]
     running, t0, status = {}, time.time(), {}
     _log(f'{len(queue)} of {len(RUNS)} runs to do')
     while queue or running:

@@ -150,14 +150,14 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
     layers = []
     for name, m in tied_modules(model):
         e = stats.get(name)
+        sv, dense_sv = _spectrum(m.weight), _dense_slots(name, dense)
         layers.append(dict(
             name=name, shape=list(m.weight.shape), vectors=e.count if e else 0,
             col_space_is_all=e is not None and e.q.shape[1] == m.weight.shape[0]
             and torch.linalg.matrix_rank(m.weight.detach().double()).item() == m.weight.shape[0],
             outside_fraction=(e.outside / max(e.total, 1e-30)) if e else None,
-            singular_values=_spectrum(m.weight), dense_singular_values=_dense_slots(name, dense)))
-        layers[-1].update(stable_rank=stable_rank(layers[-1]['singular_values']),
-                          dense_stable_rank={k: stable_rank(v) for k, v in layers[-1]['dense_singular_values'].items()})
+            singular_values=sv, dense_singular_values=dense_sv, stable_rank=stable_rank(sv),
+            dense_stable_rank={k: stable_rank(v) for k, v in dense_sv.items()}))
     return dict(checkpoint=str(run_dir), model=cfg.model, data=str(data), num_images=seen,
                 dense_checkpoint=str(dense_run) if dense_run else None, layers=layers)
 

@@ -218,16 +218,19 @@ def _small_images(samples: Samples, skip_bad: bool, max_bad: int) -> bool:
     raise DataError(f'the first {max_bad + 1} image files cannot be read, more than --max-bad-images={max_bad}')
 
 
+def _limit(data: MemoryData | Samples, limit: Optional[int]):
+    """A stratified subset of at most ``limit`` images (seed 0); all of ``data`` without a limit."""
+    n = len(_labels(data))
+    return _take(data, stratified_subset(_labels(data), limit, 0)) if limit and limit < n else data
+
+
 def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int, progress: bool,
                  limit: Optional[int] = None):
     """A dataset (MemoryData or Samples) for a --data / --val-data value; with ``limit``, a
-    stratified subset of at most that many images (seed 0), chosen before decoding."""
+    stratified subset of at most that many images, chosen before decoding."""
     if path_or_name in NAMED:
-        data = _resize(_named_memory(path_or_name, train=split == 'train'), img_size)
-        return _take(data, stratified_subset(_labels(data), limit, 0)) if limit and limit < len(data) else data
-    samples = scan_image_folder(find_image_folder(path_or_name, split))
-    if limit and limit < len(samples):
-        samples = _take(samples, stratified_subset(samples.labels, limit, 0))
+        return _limit(_resize(_named_memory(path_or_name, train=split == 'train'), img_size), limit)
+    samples = _limit(scan_image_folder(find_image_folder(path_or_name, split)), limit)
     in_memory = cfg.in_memory if cfg.in_memory is not None else \
         _small_images(samples, cfg.skip_bad_images, cfg.max_bad_images)
     if not in_memory:
@@ -289,8 +292,7 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
         val = _load_source(cfg.val_data, eval_split(cfg.val_data), cfg, img_size, progress)
     elif cfg.val_split:
         tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.split_seed)
-        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx,
-                     val=va_idx)
+        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx, val=va_idx)
         train, val = _take(train, tr_idx), _take(train, va_idx)
     elif eval_split(cfg.data) != 'train':
         val = _load_source(cfg.data, eval_split(cfg.data), cfg, img_size, progress)
