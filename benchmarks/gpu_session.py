@@ -103,38 +103,26 @@ def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
 
 
 def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
-    """Per model pair of BENCHES (bf16, train and infer): the top kernels of ``steps`` steps under
-    torch.profiler, PE and dense, into profile-<stem>.txt: where the PE model's extra time goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    """Per model pair of BENCHES (bf16): the ops whose time differs most between the PE model and
+    its dense twin (benchmarks/profile_pair.py), into profile-<stem>.md."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from profile_pair import compare, op_times
 
-    from rowcol.bench import _Runner, _sync
     from rowcol.models import dense_twin
     from rowcol.runtime import resolve_device
     dev = resolve_device(None)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
-    key = 'self_cuda_time_total' if dev.type == 'cuda' else 'self_cpu_time_total'
     for stem, flags in BENCHES:
         if only and stem not in only:
             continue
         opts = dict(zip(flags[::2], flags[1::2]))
-        model, mode, bs = opts['--model'], opts['--mode'], int(opts['--batch-size'])
-        text = []
-        for name in (model, dense_twin(model)):
-            r = _Runner(name, mode=mode, device=dev, batch_size=bs, img_size=None, num_classes=None, amp='bf16',
-                        compile=False, channels_last='--channels-last' in flags, optimizer='sgd')
-            for _ in range(3):
-                r.step()
-            _sync(dev)
-            with torch_profile(activities=acts) as prof:
-                for _ in range(steps):
-                    r.step()
-                _sync(dev)
-            events = prof.key_averages()
-            text.append(f'== {name} {mode} bs{bs} bf16, {steps} steps: {sum(e.count for e in events)} op calls\n'
-                        + events.table(sort_by=key, row_limit=30))
-            del r
-        (out / f'profile-{stem}.txt').write_text('\n\n'.join(text))
-        _log(f'profile-{stem}.txt written')
+        model = opts['--model']
+        kw = dict(mode=opts['--mode'], batch_size=int(opts['--batch-size']), amp='bf16',
+                  channels_last='--channels-last' in flags, device=dev, steps=steps)
+        pe, dense = op_times(model, **kw), op_times(dense_twin(model), **kw)
+        (out / f'profile-{stem}.md').write_text(
+            f'{model} vs {dense_twin(model)}, {kw["mode"]}, batch {kw["batch_size"]}, bf16, {dev}, {steps} steps\n\n'
+            + compare(pe, dense, rows=30) + '\n')
+        _log(f'profile-{stem}.md written')
 
 
 def _finished(run_dir: Path) -> bool:

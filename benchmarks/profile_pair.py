@@ -1,0 +1,96 @@
+"""Where does a PE model's extra time go? torch.profiler on a PE model and its dense twin, op by op.
+
+    python benchmarks/profile_pair.py --model resnet26_pe_cifar --mode train --batch-size 128 --channels-last
+    python benchmarks/profile_pair.py --model resnet50_pe --vs resnet50_pe_untied --mode train --batch-size 16 \
+        --channels-last --threads 2
+
+Builds both models as ``rowcol bench`` does (random input, SGD in train mode), runs ``--warmup``
+untimed steps, then profiles ``--steps`` steps of each and prints one table: per op, its self time
+(CPU, or CUDA on a GPU) per step for each model and the difference, largest differences first,
+plus the totals. Profiling adds overhead per op, so the totals run above ``rowcol bench``'s
+times; the table is for finding the ops, ``rowcol bench`` for the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rowcol.bench import _Runner, _sync
+from rowcol.models import dense_twin
+from rowcol.runtime import resolve_device
+
+
+def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels_last: bool,
+             device: torch.device, warmup: int = 3, steps: int = 5) -> dict[str, float]:
+    """Self time in ms per step of each op name over ``steps`` profiled steps of model ``name``."""
+    r = _Runner(name, mode=mode, device=device, batch_size=batch_size, img_size=None, num_classes=None,
+                amp=amp, compile=False, channels_last=channels_last, optimizer='sgd')
+    for _ in range(warmup):
+        r.step()
+    _sync(device)
+    cuda = device.type == 'cuda'
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            r.step()
+        _sync(device)
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us:
+            times[e.key] += us / 1e3 / steps
+    return dict(times)
+
+
+def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25) -> str:
+    """Markdown table of the ops whose per-step time differs most between the two models."""
+    keys = sorted(set(pe) | set(dense), key=lambda k: -abs(pe.get(k, 0.) - dense.get(k, 0.)))
+    lines = ['| op | PE ms/step | dense ms/step | PE - dense |', '|---|---|---|---|']
+    for k in keys[:rows]:
+        a, b = pe.get(k, 0.), dense.get(k, 0.)
+        lines.append(f'| {k} | {a:.2f} | {b:.2f} | {a - b:+.2f} |')
+    a, b = sum(pe.values()), sum(dense.values())
+    lines.append(f'| **all ops** | {a:.1f} | {b:.1f} | {a - b:+.1f} |')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--model', required=True)
+    ap.add_argument('--vs', default=None, help="default: the model's dense twin")
+    ap.add_argument('--mode', choices=['train', 'infer'], default='train')
+    ap.add_argument('--batch-size', type=int, default=64)
+    ap.add_argument('--amp', choices=['bf16'], default=None)
+    ap.add_argument('--channels-last', action='store_true')
+    ap.add_argument('--warmup', type=int, default=3)
+    ap.add_argument('--steps', type=int, default=5)
+    ap.add_argument('--rows', type=int, default=25)
+    ap.add_argument('--threads', type=int, default=None)
+    ap.add_argument('--device', default=None)
+    ap.add_argument('--json', action='store_true', help='print both op-time dicts as JSON')
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    vs = a.vs or dense_twin(a.model)
+    if vs is None:
+        ap.error(f'--model {a.model} has no dense twin; name one with --vs')
+    dev = resolve_device(a.device)
+    kw = dict(mode=a.mode, batch_size=a.batch_size, amp=a.amp, channels_last=a.channels_last, device=dev,
+              warmup=a.warmup, steps=a.steps)
+    pe, dense = op_times(a.model, **kw), op_times(vs, **kw)
+    if a.json:
+        print(json.dumps(dict(model=a.model, vs=vs, device=str(dev), threads=torch.get_num_threads(),
+                              **{k: v for k, v in vars(a).items() if k not in ('model', 'vs', 'json')},
+                              model_ms=pe, vs_ms=dense), indent=1))
+        return
+    print(f'{a.model} vs {vs}, {a.mode}, batch {a.batch_size}, {a.amp or "fp32"}, {dev}, '
+          f'{torch.get_num_threads()} threads, {a.steps} steps')
+    print(compare(pe, dense, a.rows))
+
+
+if __name__ == '__main__':
+    main()
