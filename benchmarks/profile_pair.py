@@ -48,7 +48,7 @@ def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels
 
 def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25) -> str:
     """Markdown table of the ops whose per-step time differs most between the two models."""
-    keys = sorted(set(pe) | set(dense), key=lambda k: -abs(pe.get(k, 0.) - dense.get(k, 0.)))
+    keys = sorted(set(pe) | set(dense), key=lambda k: (-abs(pe.get(k, 0.) - dense.get(k, 0.)), k))
     lines = ['| op | PE ms/step | dense ms/step | PE - dense |', '|---|---|---|---|']
     for k in keys[:rows]:
         a, b = pe.get(k, 0.), dense.get(k, 0.)

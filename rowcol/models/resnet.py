@@ -86,8 +86,9 @@ class PeBottleneck(nn.Module):
         h = self.act1(self.bn1(h))
         h = self.act2(self.bn2(self.conv2(h)))  # (B, m, H/s, W/s)
         h = self.conv3(h) if self.tie == 'none' else w.conv_t(h)  # (B, C, H/s, W/s): Wᵀ G(W x)
-        h = self.bn3(h)
-        return self.act3(self.drop_path(h) + shortcut)
+        h = self.drop_path(self.bn3(h))
+        h += shortcut  # in place, as timm's Bottleneck: no new (B, C, H, W) tensor per block
+        return self.act3(h)
 
 
 class PeStage(nn.Module):
