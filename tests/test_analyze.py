@@ -50,3 +50,14 @@ def test_analyze_cli_on_a_run(tmp_path, capsys):
     assert len(mlp['singular_values']) == 96
     assert 1 <= mlp['stable_rank'] <= 96 and set(mlp['dense_stable_rank']) == set(mlp['dense_singular_values'])
     assert stable_rank([2.0, 2.0, 0.0]) == 2 and stable_rank([3.0, 0.0]) == 1
+
+
+def test_dense_slots_of_resnet_stage_and_block_ties():
+    from rowcol.analyze import _dense_slots
+    from rowcol.models import create_model
+    dense = create_model('resnet26_cifar').state_dict()
+    stage = _dense_slots('layer3.w', dense)  # one W per stage does the job of every block's pair
+    assert set(stage) == {f'layer3.{b}.conv{c}.weight' for b in (0, 1) for c in (1, 3)}
+    block = _dense_slots('layer4.blocks.1.w', dense)  # one W per block: that block's pair only
+    assert set(block) == {'layer4.1.conv1.weight', 'layer4.1.conv3.weight'}
+    assert all(len(v) == 128 for v in block.values())  # min(128, 512) singular values
