@@ -121,7 +121,7 @@ def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
         pe, dense = op_times(model, **kw), op_times(dense_twin(model), **kw)
         (out / f'profile-{stem}.md').write_text(
             f'{model} vs {dense_twin(model)}, {kw["mode"]}, batch {kw["batch_size"]}, bf16, {dev}, {steps} steps\n\n'
-            + compare(pe, dense, rows=30) + '\n')
+            + compare(pe, dense, rows=30, names=(model, dense_twin(model))) + '\n')
         _log(f'profile-{stem}.md written')
 
 

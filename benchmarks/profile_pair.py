@@ -46,10 +46,12 @@ def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels
     return dict(times)
 
 
-def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25) -> str:
+def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25,
+            names: tuple[str, str] = ('PE', 'dense')) -> str:
     """Markdown table of the ops whose per-step time differs most between the two models."""
     keys = sorted(set(pe) | set(dense), key=lambda k: (-abs(pe.get(k, 0.) - dense.get(k, 0.)), k))
-    lines = ['| op | PE ms/step | dense ms/step | PE - dense |', '|---|---|---|---|']
+    a, b = names
+    lines = [f'| op | {a} ms/step | {b} ms/step | {a} - {b} |', '|---|---|---|---|']
     for k in keys[:rows]:
         a, b = pe.get(k, 0.), dense.get(k, 0.)
         lines.append(f'| {k} | {a:.2f} | {b:.2f} | {a - b:+.2f} |')
@@ -58,7 +60,7 @@ def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25) -> st
     return '\n'.join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', required=True)
     ap.add_argument('--vs', default=None, help="default: the model's dense twin")
@@ -72,7 +74,7 @@ def main() -> None:
     ap.add_argument('--threads', type=int, default=None)
     ap.add_argument('--device', default=None)
     ap.add_argument('--json', action='store_true', help='print both op-time dicts as JSON')
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     vs = a.vs or dense_twin(a.model)
@@ -83,13 +85,13 @@ def main() -> None:
               warmup=a.warmup, steps=a.steps)
     pe, dense = op_times(a.model, **kw), op_times(vs, **kw)
     if a.json:
-        print(json.dumps(dict(model=a.model, vs=vs, device=str(dev), threads=torch.get_num_threads(),
-                              **{k: v for k, v in vars(a).items() if k not in ('model', 'vs', 'json')},
+        flags = {k: v for k, v in vars(a).items() if k not in ('model', 'vs', 'json', 'device', 'threads')}
+        print(json.dumps(dict(model=a.model, vs=vs, device=str(dev), threads=torch.get_num_threads(), **flags,
                               model_ms=pe, vs_ms=dense), indent=1))
         return
     print(f'{a.model} vs {vs}, {a.mode}, batch {a.batch_size}, {a.amp or "fp32"}, {dev}, '
           f'{torch.get_num_threads()} threads, {a.steps} steps')
-    print(compare(pe, dense, a.rows))
+    print(compare(pe, dense, a.rows, names=(a.model, vs)))
 
 
 if __name__ == '__main__':

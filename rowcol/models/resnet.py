@@ -21,7 +21,8 @@ and max-pool with one 3×3 stride-1 conv for 32-px images.
 
 Deviations: like timm's ResNet-50 (the dense twin) the last BN of every block starts at zero
 (``zero_init_last``); the paper does not say. Under CPU bf16 autocast the strided depthwise
-identity conv runs in fp32 (speed only). The CIFAR-sized models are rowcol's additions.
+identity conv runs in fp32 (for speed); as a side effect the residual sums of the strided PE
+stages stay fp32 on the CPU, where the dense twin's are bf16. The CIFAR-sized models are rowcol's additions.
 """
 from __future__ import annotations
 
@@ -86,9 +87,11 @@ class PeBottleneck(nn.Module):
         h = self.act1(self.bn1(h))
         h = self.act2(self.bn2(self.conv2(h)))  # (B, m, H/s, W/s)
         h = self.conv3(h) if self.tie == 'none' else w.conv_t(h)  # (B, C, H/s, W/s): Wᵀ G(W x)
-        h = self.drop_path(self.bn3(h))
-        h += shortcut  # in place, as timm's Bottleneck: no new (B, C, H, W) tensor per block
-        return self.act3(h)
+        h = self.bn3(h)
+        # Out of place: under CPU bf16 autocast block 0's shortcut is fp32 (PeStage._downsample), and
+        # h + shortcut keeps the stage's residual sums in fp32 there; an in-place add would round them
+        # to bf16 (measured no faster, docs/PERFORMANCE.md).
+        return self.act3(self.drop_path(h) + shortcut)
 
 
 class PeStage(nn.Module):
