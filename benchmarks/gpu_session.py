@@ -115,13 +115,13 @@ def profile(out: Path, steps: int = 5, only: list[str] | None = None) -> None:
         if only and stem not in only:
             continue
         opts = dict(zip(flags[::2], flags[1::2]))
-        model = opts['--model']
+        model, twin = opts['--model'], dense_twin(opts['--model'])
         kw = dict(mode=opts['--mode'], batch_size=int(opts['--batch-size']), amp='bf16',
                   channels_last='--channels-last' in flags, device=dev, steps=steps)
-        pe, dense = op_times(model, **kw), op_times(dense_twin(model), **kw)
+        pe, dense = op_times(model, **kw), op_times(twin, **kw)
         (out / f'profile-{stem}.md').write_text(
-            f'{model} vs {dense_twin(model)}, {kw["mode"]}, batch {kw["batch_size"]}, bf16, {dev}, {steps} steps\n\n'
-            + compare(pe, dense, rows=30, names=(model, dense_twin(model))) + '\n')
+            f'{model} vs {twin}, {kw["mode"]}, batch {kw["batch_size"]}, bf16, {dev}, {steps} steps\n\n'
+            + compare(pe, dense, rows=30, names=(model, twin)) + '\n')
         _log(f'profile-{stem}.md written')
 
 

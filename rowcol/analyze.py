@@ -99,8 +99,8 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[fl
         r'(.*\.mlp)\.fc$': ['{0}.fc1.weight', '{0}.fc2.weight'],
         r'(.*\.attn)\.q$': ['{0}.qkv.weight:q', '{0}.proj.weight'],
         r'(.*\.attn)\.kv$': ['{0}.qkv.weight:k', '{0}.qkv.weight:v'],
-        r'(layer\d+)\.w$': ['{0}.{1}.conv1.weight', '{0}.{1}.conv3.weight'],  # one W per stage
-        r'(layer\d+)\.blocks\.(\d+)\.w$': ['{0}.{1}.conv1.weight', '{0}.{1}.conv3.weight'],  # one W per block
+        # one W per stage (layer3.w) or per block (layer3.blocks.0.w)
+        r'(layer\d+)(?:\.blocks\.(\d+))?\.w$': ['{0}.{1}.conv1.weight', '{0}.{1}.conv3.weight'],
     }
     out = {}
     for pattern, keys in candidates.items():
@@ -109,7 +109,7 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[fl
             continue
         for key in keys:
             if '{1}' in key:  # ResNet: the pair of the tied W's block, or of every block of its stage
-                blocks = [m.group(2)] if m.lastindex == 2 else {k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.')}
+                blocks = [m.group(2)] if m.group(2) else {k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.')}
                 for blk in sorted(blocks, key=int):
                     k = key.format(m.group(1), blk)
                     if k in dense:

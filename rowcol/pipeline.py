@@ -220,8 +220,8 @@ def _small_images(samples: Samples, skip_bad: bool, max_bad: int) -> bool:
 
 def _limit(data: MemoryData | Samples, limit: Optional[int]):
     """A stratified subset of at most ``limit`` images (seed 0); all of ``data`` without a limit."""
-    n = len(_labels(data))
-    return _take(data, stratified_subset(_labels(data), limit, 0)) if limit and limit < n else data
+    labels = _labels(data)
+    return _take(data, stratified_subset(labels, limit, 0)) if limit and limit < len(labels) else data
 
 
 def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int, progress: bool,
