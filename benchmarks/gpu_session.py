@@ -78,10 +78,12 @@ def _log(msg: str) -> None:
     print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
-def bench(out: Path, budget: float, compile_modes: tuple[bool, ...]) -> None:
+def bench(out: Path, budget: float, compile_modes: tuple[bool, ...], only: list[str] | None = None) -> None:
     t0 = time.time()
     for compiled in compile_modes:
         for stem, flags in BENCHES:
+            if only and stem not in only:
+                continue
             left = budget - (time.time() - t0)
             if left < 20:
                 _log(f'skip {stem} compile={compiled}: out of time')
@@ -134,14 +136,19 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
-def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = None) -> None:
-    """Runs RUNS, skipping those finished in ``done`` (e.g. results/cifar10) or in ``out``;
+def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = None,
+          only: list[str] | None = None) -> None:
+    """Runs RUNS (or those of them named in ``only``), skipping those finished in ``done`` (e.g. results/cifar10) or in ``out``;
     a run stopped by an earlier call (``train_state.pt`` in ``out/runs/<run>``) is resumed."""
     runs_dir = out / 'runs'
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     places = [runs_dir] + ([done] if done else [])  # in done/ also the same run made on the CPU
-    queue = [(n, a) for n, a in RUNS
+    unknown = set(only or ()) - {n for n, _ in RUNS}
+    if unknown:
+        raise SystemExit(f'--only: no such run {sorted(unknown)}; runs: {[n for n, _ in RUNS]}')
+    queue = [(n, a) for n, a in RUNS if not only or n in only]
+    queue = [(n, a) for n, a in queue
              if not any(_finished(p / m) for p in places for m in (n, n.removesuffix('-h100')))]
     running, t0, status = {}, time.time(), {}
     _log(f'{len(queue)} of {len(RUNS)} runs to do')
@@ -220,14 +227,14 @@ def main() -> None:
     ap.add_argument('--jobs', type=int, default=10, help='concurrent training processes')
     ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both', help='bench eager, compiled or both')
     ap.add_argument('--dest', type=Path, help='pack: where the archives go')
-    ap.add_argument('--only', nargs='+', help='profile: only these BENCHES stems')
+    ap.add_argument('--only', nargs='+', help='bench, profile: only these BENCHES stems; train: only these RUNS names')
     ap.add_argument('--done', type=Path, help='train: skip runs finished in this results folder (with or '
                     'without the -h100 suffix)')
     ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.phase == 'bench':
-        bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (False, True)}[a.compile])
+        bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (False, True)}[a.compile], a.only)
     elif a.phase == 'profile':
         profile(a.out, only=a.only)
     elif a.phase == 'pack':
@@ -237,7 +244,7 @@ def main() -> None:
     else:
         if not a.data:
             ap.error('train needs --data')
-        train(a.out, a.data, a.jobs, a.deadline, a.done)
+        train(a.out, a.data, a.jobs, a.deadline, a.done, a.only)
 
 
 if __name__ == '__main__':
