@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from rowcol import checkpoint as ckpt
 from rowcol.config import config_from_dict
+from rowcol.errors import CheckpointError
 from rowcol.layers import TiedLinear, tied_modules
 from rowcol.models import model_defaults
 from rowcol.pipeline import build_eval_data
@@ -92,8 +93,13 @@ def stable_rank(singular_values: list[float]) -> float:
     return sum(s * s for s in singular_values) / max(max(singular_values) ** 2, 1e-300)
 
 
-def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Spectra of the dense twin's matrices that do the job of the tied W ``name``."""
+def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tuple[int, int]] = None,
+                 source: str = 'the dense checkpoint') -> dict[str, list[float]]:
+    """Spectra of the dense twin's matrices that do the job of the tied W ``name``.
+
+    With ``shape`` (the tied W's), a slot whose dense matrices are all missing or none of them has
+    W's shape (either orientation) raises CheckpointError: ``dense`` is not this model's twin
+    (another depth or width), and a comparison by name would pair unrelated matrices."""
     d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
     candidates = {
         r'(.*\.mlp)\.fc$': ['{0}.fc1.weight', '{0}.fc2.weight'],
@@ -102,18 +108,20 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[fl
         # one W per stage (layer3.w) or per block (layer3.blocks.0.w)
         r'(layer\d+)(?:\.blocks\.(\d+))?\.w$': ['{0}.{1}.conv1.weight', '{0}.{1}.conv3.weight'],
     }
-    out = {}
+    out, shapes, fits, slot = {}, {}, False, False
     for pattern, keys in candidates.items():
         m = re.match(pattern, d)
         if not m:
             continue
+        slot = True
         for key in keys:
             if '{1}' in key:  # ResNet: the pair of the tied W's block, or of every block of its stage
                 blocks = [m.group(2)] if m.group(2) else {k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.')}
                 for blk in sorted(blocks, key=int):
                     k = key.format(m.group(1), blk)
                     if k in dense:
-                        out[k] = _spectrum(dense[k])
+                        out[k], shapes[k] = _spectrum(dense[k]), tuple(dense[k].shape)
+                        fits |= _same_shape(dense[k], shape)
                 continue
             k, _, part = key.format(m.group(1)).partition(':')
             if k in dense:
@@ -121,7 +129,18 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor]) -> dict[str, list[fl
                 if part:  # one third of a fused qkv weight
                     w = w.chunk(3)['qkv'.index(part)]
                 out[key.format(m.group(1))] = _spectrum(w)
+                shapes[key.format(m.group(1))] = tuple(w.shape)
+                fits |= _same_shape(w, shape)
+    if shape is not None and dense and slot and not fits:
+        found = ', '.join(f'{k} {v}' for k, v in shapes.items()) or 'no matrix'
+        raise CheckpointError(
+            f'{source} is not the dense twin of this run: for the tied {d} {tuple(shape)} it has {found}; '
+            'it must have the same depth and width (leave out --dense-checkpoint to analyze the run alone)')
     return out
+
+
+def _same_shape(w: torch.Tensor, shape: Optional[tuple[int, int]]) -> bool:
+    return shape is not None and tuple(w.flatten(1).shape) in (tuple(shape), tuple(shape)[::-1])
 
 
 def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] = None, num_images: int = 512,
@@ -133,6 +152,12 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
     cfg.batch_size = batch_size
     defaults = model_defaults(cfg.model)
     img_size = cfg.img_size or defaults['input_size'][-1]
+    dense = {}
+    if dense_run is not None:  # checked before the images are read
+        dense_model, _ = ckpt.load_run(dense_run)
+        dense = dense_model.state_dict()
+    dense_svs = {name: _dense_slots(name, dense, tuple(m.weight.flatten(1).shape), f'--dense-checkpoint {dense_run}')
+                 for name, m in tied_modules(model)}
     # a stratified subset: every class, not the first num_images files of a class-sorted folder
     loader, _ = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], progress=progress,
                                 limit=num_images)
@@ -145,14 +170,10 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
             seen += min(len(x), num_images - seen)
             if seen >= num_images:
                 break
-    dense = {}
-    if dense_run is not None:
-        dense_model, _ = ckpt.load_run(dense_run)
-        dense = dense_model.state_dict()
     layers = []
     for name, m in tied_modules(model):
         e = stats.get(name)
-        sv, dense_sv = _spectrum(m.weight), _dense_slots(name, dense)
+        sv, dense_sv = _spectrum(m.weight), dense_svs[name]
         layers.append(dict(
             name=name, shape=list(m.weight.shape), vectors=e.count if e else 0,
             col_space_is_all=e is not None and e.q.shape[1] == m.weight.shape[0]

@@ -61,3 +61,22 @@ def test_dense_slots_of_resnet_stage_and_block_ties():
     block = _dense_slots('layer4.blocks.1.w', dense)  # one W per block: that block's pair only
     assert set(block) == {'layer4.1.conv1.weight', 'layer4.1.conv3.weight'}
     assert all(len(v) == 128 for v in block.values())  # min(128, 512) singular values
+    pe = create_model('resnet26_pe_cifar').state_dict()
+    assert set(_dense_slots('layer3.w', dense, tuple(pe['layer3.w.weight'].flatten(1).shape))) == set(stage)
+
+
+def test_dense_checkpoint_of_another_width_or_depth_is_refused():
+    import pytest
+
+    from rowcol.analyze import _dense_slots
+    from rowcol.errors import CheckpointError
+    dense = create_model('vit_micro_patch4_16').state_dict()
+    w = create_model('vit_pe_micro_patch4_16').state_dict()['blocks.0.mlp.fc.weight']
+    assert set(_dense_slots('blocks.0.mlp.fc', dense, tuple(w.shape))) == {'blocks.0.mlp.fc1.weight',
+                                                                          'blocks.0.mlp.fc2.weight'}
+    wide = create_model('vit_pe_micro_patch4_16', embed_dim=48, num_heads=3).state_dict()['blocks.0.mlp.fc.weight']
+    with pytest.raises(CheckpointError, match=r'blocks\.0\.mlp\.fc .*blocks\.0\.mlp\.fc1\.weight \(384, 96\)'):
+        _dense_slots('blocks.0.mlp.fc', dense, tuple(wide.shape), '--dense-checkpoint D')
+    with pytest.raises(CheckpointError, match=r'blocks\.9\.attn\.q .*no matrix'):  # a block the twin lacks
+        _dense_slots('blocks.9.attn.q', dense, (96, 96))
+    assert _dense_slots('blocks.0.attn.vo', dense, (96, 96)) == {}  # a form with no dense counterpart
