@@ -8,8 +8,10 @@ when None), one input ``input`` of shape (batch, C, H, W) with a dynamic batch d
 one output ``logits``. The model is exported in eval mode: BatchNorm uses its running stats,
 kept as initializers next to the conv weights (onnxruntime fuses them at load time).
 
-The point of a PE model is that each shared W is stored once. How the exporters treat the
-``W.t()`` of :class:`rowcol.layers.TiedLinear` (measured on torch 2.14 / onnxscript 0.7):
+The point of a PE model is that each shared W is stored once. How the exporters treat a
+``W.t()`` on a weight (measured on torch 2.14 / onnxscript 0.7, when :class:`rowcol.layers.TiedLinear`
+applied every Wᵀ that way; it now applies Wᵀ as ``x @ W``, and only its NCHW ``conv_t`` and the
+dense twin's linears still transpose a weight):
 
 * TorchScript exporter with ``do_constant_folding=True`` (its default) folds every
   ``Transpose(W)`` into a second, transposed initializer: a ViT-PE file doubles.

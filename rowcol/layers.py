@@ -9,7 +9,7 @@ map works in W's column space, the second in its row space, and because ``F`` mo
 Everything that ties a weight lives in :class:`TiedLinear`: one ``nn.Parameter`` ``W`` of
 shape ``(out, in)``, applied as ``W`` by :meth:`TiedLinear.forward` / :meth:`TiedLinear.conv`
 and as ``Wᵀ`` by :meth:`TiedLinear.forward_t` / :meth:`TiedLinear.conv_t`. No copy of ``W``
-or ``Wᵀ`` is stored; ``W.t()`` is a stride view, and BLAS/oneDNN read it transposed.
+or ``Wᵀ`` is stored: ``Wᵀ`` is applied as ``x W`` (W the right-hand GEMM operand, read in place).
 
 Built on it here:
 
@@ -80,7 +80,12 @@ class TiedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out): column space of W
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.t(), self.bias_t)  # (..., out) -> (..., in): row space, same W
+        # (..., out) -> (..., in): row space, same W. x Wᵀᵀ = x W, so W itself is the right-hand
+        # matrix: the same GEMM as F.linear(x, W.t()), but under autocast the bf16 cast of the leaf
+        # W is the cached one of forward (a W.t() view is not a leaf and was cast again per call).
+        y = x.reshape(-1, self.out_features)
+        y = torch.mm(y, self.weight) if self.bias_t is None else torch.addmm(self.bias_t, y, self.weight)
+        return y.view(*x.shape[:-1], self.in_features)
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
@@ -90,7 +95,7 @@ class TiedLinear(nn.Module):
         # weight on every call (forward and backward); channels_last input is (B, H, W, out) in
         # memory, so a linear over its last dim applies Wᵀ with no copy and stays channels_last.
         if x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight.t(), self.bias_t).permute(0, 3, 1, 2)
+            return self.forward_t(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight.t()[:, :, None, None], self.bias_t)
 
     def extra_repr(self) -> str:

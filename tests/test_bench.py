@@ -116,10 +116,18 @@ def _tied_weight_copies(rep, name):
 
 
 def test_weight_copy_ops_linear_tie_copies_nothing():
-    """F.linear(x, W.t()) reads W transposed in place: a ViT-PE step copies no tied weight."""
+    """Wᵀ is applied as x W, reading W in place: a ViT-PE step copies no tied weight."""
     rep = weight_copy_ops(PE, threads=1)
     assert rep['forward']['copies'] == 0 and not _tied_weight_copies(rep, PE)
     assert rep['step_ms'] > 0 and PE in format_copies(rep)
+
+
+def test_bf16_autocast_casts_each_tied_weight_once_per_forward():
+    """W and Wᵀ share autocast's cached bf16 cast of the leaf W: one cast per tied W, not one per use."""
+    rep = weight_copy_ops(PE, amp='bf16', threads=1, timing_steps=1)
+    tied = {f'{n}.weight' for n, _ in tied_modules(create_model(PE))}
+    casts = [op for op in rep['forward']['ops'] if tied & set(op['weights'])]  # matched by shape
+    assert len(casts) == len(tied) == 12  # 4 blocks x (W_q, W_kv, MLP W); one more per Wᵀ use before
 
 
 def test_weight_copy_ops_conv_tie_copies_nothing_channels_last():
