@@ -144,9 +144,6 @@ def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = 
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     places = [runs_dir] + ([done] if done else [])  # in done/ also the same run made on the CPU
-    unknown = set(only or ()) - {n for n, _ in RUNS}
-    if unknown:
-        raise SystemExit(f'--only: no such run {sorted(unknown)}; runs: {[n for n, _ in RUNS]}')
     queue = [(n, a) for n, a in RUNS if not only or n in only]
     queue = [(n, a) for n, a in queue
              if not any(_finished(p / m) for p in places for m in (n, n.removesuffix('-h100')))]
@@ -227,11 +224,15 @@ def main() -> None:
     ap.add_argument('--jobs', type=int, default=10, help='concurrent training processes')
     ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both', help='bench eager, compiled or both')
     ap.add_argument('--dest', type=Path, help='pack: where the archives go')
-    ap.add_argument('--only', nargs='+', help='bench, profile: only these BENCHES stems; train: only these RUNS names')
+    ap.add_argument('--only', nargs='+', help='bench, profile: only these BENCHES stems; train: only these RUNS names '
+                    '(run in the order of BENCHES / RUNS)')
     ap.add_argument('--done', type=Path, help='train: skip runs finished in this results folder (with or '
                     'without the -h100 suffix)')
     ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
     a = ap.parse_args()
+    names = [n for n, _ in RUNS] if a.phase == 'train' else [stem for stem, _ in BENCHES]
+    if a.only and set(a.only) - set(names):
+        ap.error(f'--only: no such name {sorted(set(a.only) - set(names))} for {a.phase}; names: {names}')
     a.out.mkdir(parents=True, exist_ok=True)
     if a.phase == 'bench':
         bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (False, True)}[a.compile], a.only)

@@ -99,7 +99,8 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tupl
 
     With ``shape`` (the tied W's), a slot whose dense matrices are all missing or none of them has
     W's shape (either orientation) raises CheckpointError: ``dense`` is not this model's twin
-    (another depth or width), and a comparison by name would pair unrelated matrices."""
+    (fewer blocks or another width), and a comparison by name would pair unrelated matrices.
+    ``analyze_run`` also refuses a dense model with another number of blocks (:func:`_check_depth`)."""
     d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
     candidates = {
         r'(.*\.mlp)\.fc$': ['{0}.fc1.weight', '{0}.fc2.weight'],
@@ -116,7 +117,8 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tupl
         slot = True
         for key in keys:
             if '{1}' in key:  # ResNet: the pair of the tied W's block, or of every block of its stage
-                blocks = [m.group(2)] if m.group(2) else {k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.')}
+                blocks = [m.group(2)] if m.group(2) else {
+                    k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.') and k.split('.')[1].isdigit()}
                 for blk in sorted(blocks, key=int):
                     k = key.format(m.group(1), blk)
                     if k in dense:
@@ -139,6 +141,23 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tupl
     return out
 
 
+def _depths(keys) -> dict[str, int]:
+    """Blocks per ViT trunk (``blocks.N``) or ResNet stage (``layerK.N`` / ``layerK.blocks.N``)."""
+    found: dict[str, set[str]] = {}
+    for k in keys:
+        m = re.match(r'(blocks|layer\d+)\.(?:blocks\.)?(\d+)\.', k)
+        if m:
+            found.setdefault(m.group(1), set()).add(m.group(2))
+    return {part: len(idx) for part, idx in sorted(found.items())}
+
+
+def _check_depth(model: nn.Module, dense: dict[str, torch.Tensor], source: str) -> None:
+    mine, theirs = _depths(model.state_dict()), _depths(dense)
+    if mine != theirs:
+        raise CheckpointError(f'{source} is not the dense twin of this run: blocks per stage {theirs}, '
+                              f'this run {mine} (leave out --dense-checkpoint to analyze the run alone)')
+
+
 def _same_shape(w: torch.Tensor, shape: Optional[tuple[int, int]]) -> bool:
     return shape is not None and tuple(w.flatten(1).shape) in (tuple(shape), tuple(shape)[::-1])
 
@@ -156,6 +175,7 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
     if dense_run is not None:  # checked before the images are read
         dense_model, _ = ckpt.load_run(dense_run)
         dense = dense_model.state_dict()
+        _check_depth(model, dense, f'--dense-checkpoint {dense_run}')
     dense_svs = {name: _dense_slots(name, dense, tuple(m.weight.flatten(1).shape), f'--dense-checkpoint {dense_run}')
                  for name, m in tied_modules(model)}
     # a stratified subset: every class, not the first num_images files of a class-sorted folder

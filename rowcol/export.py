@@ -8,10 +8,11 @@ when None), one input ``input`` of shape (batch, C, H, W) with a dynamic batch d
 one output ``logits``. The model is exported in eval mode: BatchNorm uses its running stats,
 kept as initializers next to the conv weights (onnxruntime fuses them at load time).
 
-The point of a PE model is that each shared W is stored once. How the exporters treat a
-``W.t()`` on a weight (measured on torch 2.14 / onnxscript 0.7, when :class:`rowcol.layers.TiedLinear`
-applied every Wᵀ that way; it now applies Wᵀ as ``x @ W``, and only its NCHW ``conv_t`` and the
-dense twin's linears still transpose a weight):
+The point of a PE model is that each shared W is stored once. A graph transposes weights in
+several places: ``F.linear(x, W)`` on 3-D input becomes ``Transpose(W)`` + ``MatMul`` (in the PE
+model's W maps and in every dense linear), and :class:`rowcol.layers.TiedLinear`'s NCHW ``conv_t``
+reads ``W.t()`` (its other Wᵀ uses are ``x @ W`` since ``e1cc459``). How the exporters treat a
+Transpose of a weight (measured on torch 2.14 / onnxscript 0.7, when every Wᵀ use was ``W.t()``):
 
 * TorchScript exporter with ``do_constant_folding=True`` (its default) folds every
   ``Transpose(W)`` into a second, transposed initializer: a ViT-PE file doubles.

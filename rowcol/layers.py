@@ -80,10 +80,13 @@ class TiedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out): column space of W
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., out) -> (..., in): row space, same W. x Wᵀᵀ = x W, so W itself is the right-hand
-        # matrix: the same GEMM as F.linear(x, W.t()), but under autocast the bf16 cast of the leaf
-        # W is the cached one of forward (a W.t() view is not a leaf and was cast again per call).
-        y = x.reshape(-1, self.out_features)
+        return self._apply_t(x)  # (..., out) -> (..., in): row space, same W
+
+    def _apply_t(self, x: torch.Tensor) -> torch.Tensor:
+        # x Wᵀᵀ = x W, so W itself is the right-hand matrix: the same GEMM as F.linear(x, W.t()),
+        # but under autocast the bf16 cast of the leaf W is the cached one of forward (a W.t() view
+        # is not a leaf and was cast again per call).
+        y = x.reshape(-1, x.shape[-1])
         y = torch.mm(y, self.weight) if self.bias_t is None else torch.addmm(self.bias_t, y, self.weight)
         return y.view(*x.shape[:-1], self.in_features)
 
@@ -95,7 +98,7 @@ class TiedLinear(nn.Module):
         # weight on every call (forward and backward); channels_last input is (B, H, W, out) in
         # memory, so a linear over its last dim applies Wᵀ with no copy and stays channels_last.
         if x.is_contiguous(memory_format=torch.channels_last):
-            return self.forward_t(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self._apply_t(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight.t()[:, :, None, None], self.bias_t)
 
     def extra_repr(self) -> str:

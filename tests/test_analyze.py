@@ -63,6 +63,10 @@ def test_dense_slots_of_resnet_stage_and_block_ties():
     assert all(len(v) == 128 for v in block.values())  # min(128, 512) singular values
     pe = create_model('resnet26_pe_cifar').state_dict()
     assert set(_dense_slots('layer3.w', dense, tuple(pe['layer3.w.weight'].flatten(1).shape))) == set(stage)
+    # block 0's conv1 reads the stage input (128 channels), W the widened one (256): conv3 fits W
+    w0 = create_model('resnet26_pe_cifar', tie='block').state_dict()['layer3.blocks.0.w.weight']
+    assert set(_dense_slots('layer3.blocks.0.w', dense, tuple(w0.shape))) == {'layer3.0.conv1.weight',
+                                                                             'layer3.0.conv3.weight'}
 
 
 def test_dense_checkpoint_of_another_width_or_depth_is_refused():
@@ -80,3 +84,26 @@ def test_dense_checkpoint_of_another_width_or_depth_is_refused():
     with pytest.raises(CheckpointError, match=r'blocks\.9\.attn\.q .*no matrix'):  # a block the twin lacks
         _dense_slots('blocks.9.attn.q', dense, (96, 96))
     assert _dense_slots('blocks.0.attn.vo', dense, (96, 96)) == {}  # a form with no dense counterpart
+
+
+def test_dense_checkpoint_with_more_blocks_is_refused_before_reading_images(tmp_path):
+    import pytest
+
+    from rowcol.analyze import analyze_run
+    from rowcol.errors import CheckpointError
+    pe, dense = tmp_path / 'pe', tmp_path / 'dense'
+    for model, out, kw in (('vit_pe_micro_patch4_16', pe, '{"depth": 2}'), ('vit_micro_patch4_16', dense, '{}')):
+        assert main(['train', '--model', model, '--recipe', 'digits', '--max-steps', '1', '--output', str(out),
+                     '--model-kwargs', kw, '--quiet']) == 0
+    with pytest.raises(CheckpointError, match=r"blocks per stage \{'blocks': 4\}, this run \{'blocks': 2\}"):
+        analyze_run(pe, str(tmp_path / 'no such folder'), dense_run=dense)  # the data is never opened
+
+
+def test_record_counts_each_channels_last_conv_t_input_once():
+    from rowcol.layers import TiedLinear
+    m = TiedLinear(8, 4)
+    x = torch.randn(2, 4, 3, 5).contiguous(memory_format=torch.channels_last)
+    with _record(m) as stats, torch.no_grad():
+        y = m.conv_t(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == (2, 8, 3, 5)
+    assert stats[''].count == 2 * 3 * 5
