@@ -138,15 +138,15 @@ def _finished(run_dir: Path) -> bool:
 
 def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = None,
           only: list[str] | None = None) -> None:
-    """Runs RUNS (or those of them named in ``only``), skipping those finished in ``done`` (e.g. results/cifar10) or in ``out``;
-    a run stopped by an earlier call (``train_state.pt`` in ``out/runs/<run>``) is resumed."""
+    """Runs RUNS (or those of them named in ``only``), skipping those finished in ``done`` (e.g.
+    results/cifar10) or in ``out``; a run stopped by an earlier call (``train_state.pt`` in
+    ``out/runs/<run>``) is resumed."""
     runs_dir = out / 'runs'
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     places = [runs_dir] + ([done] if done else [])  # in done/ also the same run made on the CPU
-    queue = [(n, a) for n, a in RUNS if not only or n in only]
-    queue = [(n, a) for n, a in queue
-             if not any(_finished(p / m) for p in places for m in (n, n.removesuffix('-h100')))]
+    queue = [(n, a) for n, a in RUNS if (not only or n in only)
+             and not any(_finished(p / m) for p in places for m in (n, n.removesuffix('-h100')))]
     running, t0, status = {}, time.time(), {}
     _log(f'{len(queue)} of {len(RUNS)} runs to do')
     while queue or running:

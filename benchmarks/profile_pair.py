@@ -50,8 +50,8 @@ def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25,
             names: tuple[str, str] = ('PE', 'dense')) -> str:
     """Markdown table of the ops whose per-step time differs most between the two models."""
     keys = sorted(set(pe) | set(dense), key=lambda k: (-abs(pe.get(k, 0.) - dense.get(k, 0.)), k))
-    a, b = names
-    lines = [f'| op | {a} ms/step | {b} ms/step | {a} - {b} |', '|---|---|---|---|']
+    na, nb = names
+    lines = [f'| op | {na} ms/step | {nb} ms/step | {na} - {nb} |', '|---|---|---|---|']
     for k in keys[:rows]:
         a, b = pe.get(k, 0.), dense.get(k, 0.)
         lines.append(f'| {k} | {a:.2f} | {b:.2f} | {a - b:+.2f} |')

@@ -93,6 +93,31 @@ def stable_rank(singular_values: list[float]) -> float:
     return sum(s * s for s in singular_values) / max(max(singular_values) ** 2, 1e-300)
 
 
+def _dense_matrices(name: str, dense: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+    """The dense twin's matrices (2-D) that do the job of the tied W ``name``, by key; None when the
+    tied role has no dense counterpart (e.g. the attention forms other than the authors')."""
+    d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
+    if m := re.match(r'(.*\.mlp)\.fc$', d):
+        keys = [f'{m[1]}.fc1.weight', f'{m[1]}.fc2.weight']
+    elif m := re.match(r'(.*\.attn)\.q$', d):
+        keys = [f'{m[1]}.qkv.weight:q', f'{m[1]}.proj.weight']
+    elif m := re.match(r'(.*\.attn)\.kv$', d):
+        keys = [f'{m[1]}.qkv.weight:k', f'{m[1]}.qkv.weight:v']
+    elif m := re.match(r'(layer\d+)(?:\.blocks\.(\d+))?\.w$', d):
+        # one W per block (layer3.blocks.0.w): that block's pair; per stage (layer3.w): every block's
+        blocks = [m[2]] if m[2] else sorted({k.split('.')[1] for k in dense if k.startswith(m[1] + '.')
+                                             and k.split('.')[1].isdigit()}, key=int)
+        keys = [f'{m[1]}.{b}.conv{c}.weight' for c in (1, 3) for b in blocks]
+    else:
+        return None
+    out = {}
+    for key in keys:
+        k, _, part = key.partition(':')
+        if k in dense:  # ':q' etc.: one third of a fused qkv weight
+            out[key] = (dense[k].chunk(3)['qkv'.index(part)] if part else dense[k]).flatten(1)
+    return out
+
+
 def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tuple[int, int]] = None,
                  source: str = 'the dense checkpoint') -> dict[str, list[float]]:
     """Spectra of the dense twin's matrices that do the job of the tied W ``name``.
@@ -101,44 +126,16 @@ def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tupl
     W's shape (either orientation) raises CheckpointError: ``dense`` is not this model's twin
     (fewer blocks or another width), and a comparison by name would pair unrelated matrices.
     ``analyze_run`` also refuses a dense model with another number of blocks (:func:`_check_depth`)."""
-    d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
-    candidates = {
-        r'(.*\.mlp)\.fc$': ['{0}.fc1.weight', '{0}.fc2.weight'],
-        r'(.*\.attn)\.q$': ['{0}.qkv.weight:q', '{0}.proj.weight'],
-        r'(.*\.attn)\.kv$': ['{0}.qkv.weight:k', '{0}.qkv.weight:v'],
-        # one W per stage (layer3.w) or per block (layer3.blocks.0.w)
-        r'(layer\d+)(?:\.blocks\.(\d+))?\.w$': ['{0}.{1}.conv1.weight', '{0}.{1}.conv3.weight'],
-    }
-    out, shapes, fits, slot = {}, {}, False, False
-    for pattern, keys in candidates.items():
-        m = re.match(pattern, d)
-        if not m:
-            continue
-        slot = True
-        for key in keys:
-            if '{1}' in key:  # ResNet: the pair of the tied W's block, or of every block of its stage
-                blocks = [m.group(2)] if m.group(2) else {
-                    k.split('.')[1] for k in dense if k.startswith(m.group(1) + '.') and k.split('.')[1].isdigit()}
-                for blk in sorted(blocks, key=int):
-                    k = key.format(m.group(1), blk)
-                    if k in dense:
-                        out[k], shapes[k] = _spectrum(dense[k]), tuple(dense[k].shape)
-                        fits |= _same_shape(dense[k], shape)
-                continue
-            k, _, part = key.format(m.group(1)).partition(':')
-            if k in dense:
-                w = dense[k]
-                if part:  # one third of a fused qkv weight
-                    w = w.chunk(3)['qkv'.index(part)]
-                out[key.format(m.group(1))] = _spectrum(w)
-                shapes[key.format(m.group(1))] = tuple(w.shape)
-                fits |= _same_shape(w, shape)
-    if shape is not None and dense and slot and not fits:
-        found = ', '.join(f'{k} {v}' for k, v in shapes.items()) or 'no matrix'
+    mats = _dense_matrices(name, dense)
+    if mats is None:
+        return {}
+    if shape is not None and dense and not any(tuple(w.shape) in (tuple(shape), tuple(shape)[::-1])
+                                               for w in mats.values()):
+        found = ', '.join(f'{k} {tuple(w.shape)}' for k, w in mats.items()) or 'no matrix'
         raise CheckpointError(
-            f'{source} is not the dense twin of this run: for the tied {d} {tuple(shape)} it has {found}; '
+            f'{source} is not the dense twin of this run: for the tied {name} {tuple(shape)} it has {found}; '
             'it must have the same depth and width (leave out --dense-checkpoint to analyze the run alone)')
-    return out
+    return {k: _spectrum(w) for k, w in mats.items()}
 
 
 def _depths(keys) -> dict[str, int]:
@@ -156,10 +153,6 @@ def _check_depth(model: nn.Module, dense: dict[str, torch.Tensor], source: str) 
     if mine != theirs:
         raise CheckpointError(f'{source} is not the dense twin of this run: blocks per stage {theirs}, '
                               f'this run {mine} (leave out --dense-checkpoint to analyze the run alone)')
-
-
-def _same_shape(w: torch.Tensor, shape: Optional[tuple[int, int]]) -> bool:
-    return shape is not None and tuple(w.flatten(1).shape) in (tuple(shape), tuple(shape)[::-1])
 
 
 def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] = None, num_images: int = 512,

@@ -1,10 +1,13 @@
 """The mechanism probe: energy outside col(W) of what Wᵀ receives."""
 import json
 
+import pytest
 import torch
 
-from rowcol.analyze import _record, outside_fraction, stable_rank
+from rowcol.analyze import _dense_slots, _record, analyze_run, outside_fraction, stable_rank
 from rowcol.cli import main
+from rowcol.errors import CheckpointError
+from rowcol.layers import TiedLinear
 from rowcol.models import create_model
 
 
@@ -53,8 +56,6 @@ def test_analyze_cli_on_a_run(tmp_path, capsys):
 
 
 def test_dense_slots_of_resnet_stage_and_block_ties():
-    from rowcol.analyze import _dense_slots
-    from rowcol.models import create_model
     dense = create_model('resnet26_cifar').state_dict()
     stage = _dense_slots('layer3.w', dense)  # one W per stage does the job of every block's pair
     assert set(stage) == {f'layer3.{b}.conv{c}.weight' for b in (0, 1) for c in (1, 3)}
@@ -70,10 +71,6 @@ def test_dense_slots_of_resnet_stage_and_block_ties():
 
 
 def test_dense_checkpoint_of_another_width_or_depth_is_refused():
-    import pytest
-
-    from rowcol.analyze import _dense_slots
-    from rowcol.errors import CheckpointError
     dense = create_model('vit_micro_patch4_16').state_dict()
     w = create_model('vit_pe_micro_patch4_16').state_dict()['blocks.0.mlp.fc.weight']
     assert set(_dense_slots('blocks.0.mlp.fc', dense, tuple(w.shape))) == {'blocks.0.mlp.fc1.weight',
@@ -87,10 +84,6 @@ def test_dense_checkpoint_of_another_width_or_depth_is_refused():
 
 
 def test_dense_checkpoint_with_more_blocks_is_refused_before_reading_images(tmp_path):
-    import pytest
-
-    from rowcol.analyze import analyze_run
-    from rowcol.errors import CheckpointError
     pe, dense = tmp_path / 'pe', tmp_path / 'dense'
     for model, out, kw in (('vit_pe_micro_patch4_16', pe, '{"depth": 2}'), ('vit_micro_patch4_16', dense, '{}')):
         assert main(['train', '--model', model, '--recipe', 'digits', '--max-steps', '1', '--output', str(out),
@@ -100,7 +93,6 @@ def test_dense_checkpoint_with_more_blocks_is_refused_before_reading_images(tmp_
 
 
 def test_record_counts_each_channels_last_conv_t_input_once():
-    from rowcol.layers import TiedLinear
     m = TiedLinear(8, 4)
     x = torch.randn(2, 4, 3, 5).contiguous(memory_format=torch.channels_last)
     with _record(m) as stats, torch.no_grad():
