@@ -2,7 +2,8 @@
 
 Run from the repository root on a CUDA machine, with the CIFAR-10 folder unpacked somewhere:
 
-    python benchmarks/gpu_session.py bench --out OUT            # rowcol bench, bf16 eager and compiled
+    python benchmarks/gpu_session.py bench --out OUT            # rowcol bench, bf16 compiled and eager
+    python benchmarks/gpu_session.py bench --out OUT --prewarm 200 --deadline 480  # compile all pairs at once first
     python benchmarks/gpu_session.py profile --out OUT          # top kernels, PE next to dense
     python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420 \
         --done results/cifar10                                    # skip runs already there
@@ -78,12 +79,35 @@ def _log(msg: str) -> None:
     print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
-def bench(out: Path, budget: float, compile_modes: tuple[bool, ...], only: list[str] | None = None) -> None:
+def _prewarm(flags_list: list[list[str]], limit: float) -> None:
+    """Compile every pair at once (one short untimed ``rowcol bench --compile`` each, concurrently),
+    so that the timed runs after it find inductor's on-disk cache of this machine warm: a cold
+    compiled pair takes minutes, mostly on the CPU, and the pairs need not wait for each other."""
+    short = ['--amp', 'bf16', '--warmup', '1', '--steps', '1', '--repeats', '1', '--latency-iters', '1', '--compile']
     t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, '-m', 'rowcol', 'bench', *f, *short],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for f in flags_list]
+    for p, f in zip(procs, flags_list):
+        try:
+            _, err = p.communicate(timeout=max(1.0, limit - (time.time() - t0)))
+            _log(f'prewarm {shlex.join(f)}: rc {p.returncode}' + (f'\n{err[-1000:]}' if p.returncode else ''))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            _log(f'prewarm {shlex.join(f)}: stopped at {limit:.0f} s')
+    _log(f'prewarm done in {time.time() - t0:.0f} s')
+
+
+def bench(out: Path, budget: float, compile_modes: tuple[bool, ...], only: list[str] | None = None,
+          prewarm: float = 0) -> None:
+    t0 = time.time()
+    table = dict(BENCHES)
+    stems = only or [stem for stem, _ in BENCHES]
+    if prewarm and True in compile_modes:
+        _prewarm([table[s] for s in stems], min(prewarm, budget))
     for compiled in compile_modes:
-        for stem, flags in BENCHES:
-            if only and stem not in only:
-                continue
+        for stem in stems:
+            flags = table[stem]
             left = budget - (time.time() - t0)
             if left < 20:
                 _log(f'skip {stem} compile={compiled}: out of time')
@@ -222,10 +246,13 @@ def main() -> None:
     ap.add_argument('--out', type=Path, required=True)
     ap.add_argument('--data', help='CIFAR-10 train folder (train phase)')
     ap.add_argument('--jobs', type=int, default=10, help='concurrent training processes')
-    ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both', help='bench eager, compiled or both')
+    ap.add_argument('--compile', choices=['no', 'yes', 'both'], default='both',
+                    help='bench eager, compiled or both (compiled first)')
+    ap.add_argument('--prewarm', type=float, default=0, help='bench: seconds (of --deadline) to compile all '
+                    'selected pairs concurrently, untimed, before the timed compiled runs')
     ap.add_argument('--dest', type=Path, help='pack: where the archives go')
-    ap.add_argument('--only', nargs='+', help='bench, profile: only these BENCHES stems; train: only these RUNS names '
-                    '(run in the order of BENCHES / RUNS)')
+    ap.add_argument('--only', nargs='+', help='bench: only these BENCHES stems, in the order given; profile: only these '
+                    'BENCHES stems; train: only these RUNS names (in the order of RUNS)')
     ap.add_argument('--done', type=Path, help='train: skip runs finished in this results folder (with or '
                     'without the -h100 suffix)')
     ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
@@ -235,7 +262,8 @@ def main() -> None:
         ap.error(f'--only: no such name {sorted(set(a.only) - set(names))} for {a.phase}; names: {names}')
     a.out.mkdir(parents=True, exist_ok=True)
     if a.phase == 'bench':
-        bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (False, True)}[a.compile], a.only)
+        bench(a.out, a.deadline, {'no': (False,), 'yes': (True,), 'both': (True, False)}[a.compile], a.only,
+              a.prewarm)
     elif a.phase == 'profile':
         profile(a.out, only=a.only)
     elif a.phase == 'pack':
