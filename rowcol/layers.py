@@ -211,6 +211,11 @@ class PeAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+            # Three projections read x where timm's fused qkv reads it once; autocast would cast x
+            # to bf16 for each of them. Cast once (the three input gradients then sum in bf16).
+            x = x.to(torch.get_autocast_dtype(dev))
         f = self.form
         if f == 'qo_kv':
             return self.q(x), self.kv(x), self.kv.forward_t(x)
