@@ -12,13 +12,17 @@ def _mb(b):
 
 
 def bench_table(d: Path) -> str:
-    lines = ['| model | vs | mode | amp | batch | trials × steps | model img/s | vs img/s | model/vs '
-             '| model spread (min-max) | batch-1 latency p50, model / vs (ms) | peak MB, model / vs |', '|' + '---|' * 12]
-    for f in sorted(d.glob('bench-*.json')):
-        r = json.loads(f.read_text())
+    rows = [json.loads(f.read_text()) for f in sorted(d.glob('bench-*.json'))]
+    compiled = any(r.get('compile') for r in rows)  # a compile column only where some row is compiled
+    head = ['model', 'vs', 'mode', 'amp'] + ['compile'] * compiled + [
+        'batch', 'trials × steps', 'model img/s', 'vs img/s', 'model/vs', 'model spread (min-max)',
+        'batch-1 latency p50, model / vs (ms)', 'peak MB, model / vs']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
         pe, de = r['results'][r['model']], r['results'][r['vs']]
         lat = (f"{pe['latency_p50_ms']:.1f} / {de['latency_p50_ms']:.1f}" if pe.get('latency_p50_ms') else '-')
-        lines.append(f"| {r['model']} | {r['vs']} | {r['mode']} | {r['amp'] or 'fp32'} | {r['batch_size']} | "
+        comp = (' yes |' if r.get('compile') else ' no |') if compiled else ''
+        lines.append(f"| {r['model']} | {r['vs']} | {r['mode']} | {r['amp'] or 'fp32'} |{comp} {r['batch_size']} | "
                      f"{r['repeats']} × {r['steps']} | "
                      f"{pe['img_per_s']:.1f} | {de['img_per_s']:.1f} | **{r['ratio_img_per_s']:.3f}** | "
                      f"{pe['img_per_s_min']:.0f}-{pe['img_per_s_max']:.0f} | {lat} | "

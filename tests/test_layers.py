@@ -1,8 +1,12 @@
 """The tie itself: one Parameter serves W and Wᵀ, checked against hand-written formulas."""
+from math import prod
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rowcol.layers import ATTN_FORMS, PeAttention, PeMlp, TiedLinear, pe_attention
 
@@ -95,6 +99,38 @@ def test_attention_forms_count_and_grad(form, mats):
     assert len(matrices) == mats
     attn(torch.randn(2, 3, 16)).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
+
+
+
+class _InputCasts(TorchDispatchMode):
+    """Counts float32 -> other-dtype copies of tensors of one shape (autocast's input casts)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.n = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
+                and kwargs.get('dtype') not in (None, torch.float32) and args[0].numel() == prod(self.shape):
+            self.n += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize('form', ['qo_kv', 'qk_vo', 'vo'])
+def test_pe_attention_casts_its_input_once_under_autocast(form):
+    """Three projections read x; under bf16 autocast x is cast once (as timm's fused qkv does), not
+    once per projection, and the output matches the uncast formula to bf16 precision."""
+    attn = _rand_(pe_attention(form)(16, num_heads=4, qkv_bias=True))
+    x = torch.randn(2, 5, 16)
+    dense = Attention(16, num_heads=4, qkv_bias=True)
+    for m in (attn, dense):
+        with torch.autocast('cpu', torch.bfloat16), _InputCasts(x.shape) as casts:
+            y = m(x)
+        assert y.dtype == torch.bfloat16 and casts.n == 1, (type(m).__name__, casts.n)
+    with torch.autocast('cpu', torch.bfloat16):
+        y = attn(x)
+    torch.testing.assert_close(y.float(), attn(x), rtol=0.05, atol=0.05)
 
 
 def test_bad_arguments_are_named():
