@@ -1,4 +1,5 @@
-"""benchmarks/profile_pair.py: the op-time comparison, and the script end to end on a tiny model."""
+"""benchmarks/: profile_pair.py (the op-time comparison, and the script end to end on a tiny model),
+perf_tables.py (the bench table) and gpu_session.py (which benches run, in which order)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 
+import gpu_session  # noqa: E402
+import perf_tables  # noqa: E402
 import profile_pair  # noqa: E402
 
 
@@ -47,3 +50,44 @@ def test_script_json_names_both_models(one_thread, capsys) -> None:
     assert (out['model'], out['vs'], out['device'], out['threads']) == (
         'vit_pe_micro_patch4_16', 'vit_micro_patch4_16', 'cpu', 1)
     assert out['mode'] == 'infer' and out['model_ms'] and out['vs_ms']
+
+
+def _bench_json(compile: bool, ratio: float) -> dict:
+    r = dict(img_per_s=100.0 * ratio, img_per_s_min=90.0, img_per_s_max=110.0, peak_mem_bytes=2 ** 20)
+    d = dict(r, img_per_s=100.0)
+    return dict(model='m_pe', vs='m', mode='train', amp='bf16', compile=compile, batch_size=8, repeats=5,
+                steps=2, ratio_img_per_s=ratio, results={'m_pe': r, 'm': d})
+
+
+def test_perf_table_has_a_compile_column_only_when_a_row_is_compiled(tmp_path) -> None:
+    (tmp_path / 'bench-a.json').write_text(json.dumps(_bench_json(False, 0.9)))
+    eager = perf_tables.bench_table(tmp_path).splitlines()
+    assert 'compile' not in eager[0] and eager[0].count('|') == eager[2].count('|') == 13
+    (tmp_path / 'bench-b.json').write_text(json.dumps(_bench_json(True, 0.95)))
+    both = perf_tables.bench_table(tmp_path).splitlines()
+    assert '| compile |' in both[0] and all(line.count('|') == 14 for line in both)
+    assert '| bf16 | no | 8 |' in both[2] and '**0.900**' in both[2]
+    assert '| bf16 | yes | 8 |' in both[3] and '**0.950**' in both[3]
+
+
+def test_gpu_session_bench_prewarms_then_runs_compiled_first_in_the_order_given(tmp_path, monkeypatch) -> None:
+    calls, prewarmed = [], []
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps({'ratio_img_per_s': 1.0}), ''
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        return Done()
+
+    monkeypatch.setattr(gpu_session.subprocess, 'run', run)
+    monkeypatch.setattr(gpu_session, '_prewarm', lambda flags, limit: prewarmed.append((flags, limit)))
+    gpu_session.bench(tmp_path, 600, (True, False), only=['r50-infer', 'vit_tiny32-train'], prewarm=100)
+    table = dict(gpu_session.BENCHES)
+    assert prewarmed == [([table['r50-infer'], table['vit_tiny32-train']], 100)]
+    got = [(c[c.index('--model') + 1], c[c.index('--mode') + 1], '--compile' in c) for c in calls]
+    assert got == [('resnet50_pe', 'infer', True), ('vit_pe_tiny_patch4_32', 'train', True),
+                   ('resnet50_pe', 'infer', False), ('vit_pe_tiny_patch4_32', 'train', False)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        'bench-r50-infer-bf16-compile.json', 'bench-r50-infer-bf16.json',
+        'bench-vit_tiny32-train-bf16-compile.json', 'bench-vit_tiny32-train-bf16.json']
