@@ -137,9 +137,10 @@ class PeStage(nn.Module):
 
 
     def _downsample(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') and torch.is_grad_enabled():
             # oneDNN's bf16 backward of this strided depthwise conv is several times slower than fp32
-            # on CPU (docs/PERFORMANCE.md); it is a small op, so it runs in fp32.
+            # on CPU (docs/PERFORMANCE.md); it is a small op, so it runs in fp32 when a backward may
+            # follow. Without grad (inference) its bf16 forward is the faster one and is kept.
             with torch.autocast('cpu', enabled=False):
                 return self.downsample(x.float())
         return self.downsample(x)
