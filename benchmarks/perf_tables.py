@@ -21,12 +21,11 @@ def bench_table(d: Path) -> str:
     for r in rows:
         pe, de = r['results'][r['model']], r['results'][r['vs']]
         lat = (f"{pe['latency_p50_ms']:.1f} / {de['latency_p50_ms']:.1f}" if pe.get('latency_p50_ms') else '-')
-        comp = (' yes |' if r.get('compile') else ' no |') if compiled else ''
-        lines.append(f"| {r['model']} | {r['vs']} | {r['mode']} | {r['amp'] or 'fp32'} |{comp} {r['batch_size']} | "
-                     f"{r['repeats']} × {r['steps']} | "
-                     f"{pe['img_per_s']:.1f} | {de['img_per_s']:.1f} | **{r['ratio_img_per_s']:.3f}** | "
-                     f"{pe['img_per_s_min']:.0f}-{pe['img_per_s_max']:.0f} | {lat} | "
-                     f"{_mb(pe['peak_mem_bytes'])} / {_mb(de['peak_mem_bytes'])} |")
+        cells = [r['model'], r['vs'], r['mode'], r['amp'] or 'fp32'] + ['yes' if r.get('compile') else 'no'] * compiled + [
+            r['batch_size'], f"{r['repeats']} × {r['steps']}", f"{pe['img_per_s']:.1f}", f"{de['img_per_s']:.1f}",
+            f"**{r['ratio_img_per_s']:.3f}**", f"{pe['img_per_s_min']:.0f}-{pe['img_per_s_max']:.0f}", lat,
+            f"{_mb(pe['peak_mem_bytes'])} / {_mb(de['peak_mem_bytes'])}"]
+        lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
     return '\n'.join(lines)
 
 
