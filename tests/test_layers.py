@@ -101,7 +101,6 @@ def test_attention_forms_count_and_grad(form, mats):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
 
 
-
 class _InputCasts(TorchDispatchMode):
     """Counts float32 -> other-dtype copies of tensors of one shape (autocast's input casts)."""
 

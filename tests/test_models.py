@@ -132,7 +132,6 @@ def test_resnet_pe_block_formula():
     torch.testing.assert_close(full, y)
 
 
-
 def test_resnet_pe_stage_entry_conv_precision_under_cpu_bf16():
     """Under CPU bf16 autocast the strided depthwise conv at a PE stage's entry runs in fp32 when a
     backward may follow (oneDNN's bf16 backward of it is slow) and in bf16 without grad."""
@@ -148,6 +147,7 @@ def test_resnet_pe_stage_entry_conv_precision_under_cpu_bf16():
             stage(x)
     assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16]
     assert stage.downsample[0].weight.grad is not None
+
 
 @pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar', 'vit_pe_tiny_patch16_224'])
 def test_safetensors_round_trip_keeps_tie(name, tmp_path):

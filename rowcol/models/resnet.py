@@ -135,7 +135,6 @@ class PeStage(nn.Module):
                 x = blk(x, self.w, sc)
         return x
 
-
     def _downsample(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') and torch.is_grad_enabled():
             # oneDNN's bf16 backward of this strided depthwise conv is several times slower than fp32
