@@ -151,6 +151,9 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
         kwargs = {**kwargs, 'num_classes': int(config['num_classes'])}
     try:
         model = create_model(config['model'], img_size=config.get('img_size'), **kwargs)
+        if config.get('halve'):
+            from rowcol.halve import halve
+            halve(model, attn=config.get('halve_attn', 'qo_kv'), use_scale=bool(config.get('halve_scale')))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: cannot build {config['model']} ({e})") from None
     load_weights(model, run_dir / files[which])

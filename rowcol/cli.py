@@ -65,8 +65,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from rowcol.config import resolve_config
         overrides = _overrides(args)
         overrides.pop('recipe', None)
+        if overrides.get('init_from'):  # the dense run's architecture, halved
+            from rowcol.train import load_run_config
+            run = load_run_config(overrides['init_from'])
+            overrides.setdefault('halve', True)
+            if 'model' not in overrides:
+                overrides.update(model=run.model, model_kwargs=overrides.get('model_kwargs', run.model_kwargs))
+                if run.img_size is not None:
+                    overrides.setdefault('img_size', run.img_size)
         cfg = resolve_config(args.recipe, **overrides)
-        output = args.output or f'runs/{cfg.model}-s{cfg.seed}'
+        output = args.output or f'runs/{cfg.model}{"-halved" if cfg.halve else ""}-s{cfg.seed}'
     return run_train(cfg, output, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
 
 

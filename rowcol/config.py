@@ -69,6 +69,14 @@ class TrainConfig:
     save_every_steps: int = 0       # also checkpoint every N steps (0: once per epoch)
     max_steps: Optional[int] = None  # stop (with a resumable checkpoint) after this many steps; 0: no limit
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # halving and distillation
+    halve: bool = False             # tie the model's layer pairs with rowcol.halve
+    halve_attn: str = 'qo_kv'       # attention form for --halve: qo_kv | qk_vo | vo | dense
+    halve_scale: bool = False       # per-use channel scales in the halved MLPs and attentions
+    init_from: Optional[str] = None  # a trained dense run: its weights, halved with init='dense'
+    teacher: Optional[str] = None   # a trained run: soft-target knowledge distillation from it
+    distill_alpha: float = 0.5      # loss = (1 - a) CE + a tau^2 KL (DeiT's soft distillation)
+    distill_tau: float = 1.0
 
     def scaled_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / self.lr_base_size
@@ -94,6 +102,10 @@ class TrainConfig:
             (self.save_every_steps >= 0, 'save_every_steps must be >= 0'),
             (self.warmup_epochs >= 0 and self.weight_decay >= 0, 'warmup_epochs and weight_decay must be >= 0'),
             (isinstance(self.model_kwargs, dict), 'model_kwargs must be a JSON object'),
+            (self.halve_attn in ('qo_kv', 'qk_vo', 'vo', 'dense'),
+             f"halve_attn must be qo_kv, qk_vo, vo or dense, got '{self.halve_attn}'"),
+            (self.halve or not (self.halve_scale or self.init_from), '--halve-scale and --init-from need --halve'),
+            (0 <= self.distill_alpha <= 1 and self.distill_tau > 0, 'distill_alpha must be in [0, 1], distill_tau > 0'),
         ]
         for ok, msg in checks:
             if not ok:
@@ -136,6 +148,13 @@ FIELD_HELP = {
     'save_every_steps': 'also write a resumable checkpoint every N steps',
     'max_steps': 'stop after N steps in total, with a resumable checkpoint (0: no limit, e.g. to finish a stopped run)',
     'model_kwargs': 'extra model arguments as JSON, e.g. \'{"attn_form": "vo"}\'',
+    'halve': 'tie the layer pairs of --model (any timm model) with rowcol.halve',
+    'halve_attn': 'attention form for --halve: qo_kv (the authors\'), qk_vo, vo, or dense (untied)',
+    'halve_scale': 'per-use channel scales in the halved MLPs and attentions',
+    'init_from': 'start from a trained dense run (RUN_DIR), halved with init=dense (implies --halve)',
+    'teacher': 'distil from a trained run (RUN_DIR): soft targets, teacher frozen in eval mode',
+    'distill_alpha': 'weight of the distillation term: (1 - a) CE + a tau^2 KL (default 0.5)',
+    'distill_tau': 'distillation temperature (default 1)',
 }
 # What --resume may change; anything else would make the continued run a different run.
 RESUMABLE = frozenset({'epochs', 'max_steps', 'save_every_steps', 'workers', 'device', 'max_nonfinite'})

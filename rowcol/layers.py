@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-__all__ = ['TiedLinear', 'PeMlp', 'PeAttention', 'ATTN_FORMS', 'pe_attention', 'tied_modules']
+__all__ = ['TiedLinear', 'TiedT', 'TiedQKV', 'PeMlp', 'PeAttention', 'ATTN_FORMS', 'pe_attention', 'tied_modules']
 
 
 class TiedLinear(nn.Module):
@@ -80,26 +80,29 @@ class TiedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out): column space of W
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_t(x)  # (..., out) -> (..., in): row space, same W
+        return self._apply_t(x, self.bias_t)  # (..., out) -> (..., in): row space, same W
 
-    def _apply_t(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply_t(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # x Wᵀᵀ = x W, so W itself is the right-hand matrix: the same GEMM as F.linear(x, W.t()),
         # but under autocast the bf16 cast of the leaf W is the cached one of forward (a W.t() view
         # is not a leaf and was cast again per call).
         y = x.reshape(-1, x.shape[-1])
-        y = torch.mm(y, self.weight) if self.bias_t is None else torch.addmm(self.bias_t, y, self.weight)
+        y = torch.mm(y, self.weight) if bias is None else torch.addmm(bias, y, self.weight)
         return y.view(*x.shape[:-1], self.in_features)
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
 
     def conv_t(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_t(x, self.bias_t)
+
+    def _conv_t(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # (B, out, H, W) -> (B, in, H, W). conv2d would copy the strided Wᵀ view to a contiguous
         # weight on every call (forward and backward); channels_last input is (B, H, W, out) in
         # memory, so a linear over its last dim applies Wᵀ with no copy and stays channels_last.
         if x.is_contiguous(memory_format=torch.channels_last):
-            return self._apply_t(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return F.conv2d(x, self.weight.t()[:, :, None, None], self.bias_t)
+            return self._apply_t(x.permute(0, 2, 3, 1), bias).permute(0, 3, 1, 2)
+        return F.conv2d(x, self.weight.t()[:, :, None, None], bias)
 
     def extra_repr(self) -> str:
         return (f'in_features={self.in_features}, out_features={self.out_features}, '
@@ -109,6 +112,91 @@ class TiedLinear(nn.Module):
 def tied_modules(model: nn.Module) -> list[tuple[str, TiedLinear]]:
     """Every ``TiedLinear`` in ``model`` with its qualified name, each once."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLinear)]
+
+
+class TiedConv1x1(TiedLinear):
+    """A ``TiedLinear`` whose own call is the 1×1 convolution with ``W`` (a bottleneck's conv1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (B, in, H, W) -> (B, out, H, W)
+
+
+class TiedT(nn.Module):
+    """The ``Wᵀ`` use of a ``TiedLinear`` that lives elsewhere in the model, with its own bias.
+
+    :func:`rowcol.halve` puts one where a dense layer pair had its second layer (``fc2``,
+    ``proj``, ``conv3``), so the host module's forward is unchanged. The source is held
+    outside the module tree (``_src``), so ``W`` is registered, saved, counted, initialised
+    and averaged once, under the source's name; ``deepcopy`` keeps the link.
+    """
+
+    def __init__(self, src: TiedLinear, bias: bool = True, conv: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self._src = (src,)  # not a submodule: W belongs to src
+        self.conv = conv
+        self.bias = nn.Parameter(torch.zeros(src.in_features, device=device, dtype=dtype)) if bias else None
+
+    @property
+    def src(self) -> TiedLinear:
+        return self._src[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            return self.src._conv_t(x, self.bias)  # (B, out, H, W) -> (B, in, H, W)
+        return self.src._apply_t(x, self.bias)  # (..., out) -> (..., in)
+
+    def extra_repr(self) -> str:
+        return f'Wᵀ of a tied W ({self.src.out_features} -> {self.src.in_features}), bias={self.bias is not None}'
+
+
+class TiedQKV(nn.Module):
+    """A fused-qkv replacement ((..., d) -> (..., 3d), [q | k | v]) made of tied projections.
+
+    For attention modules whose forward reads one ``qkv`` output (Swin's window attention,
+    PVT-v2's ``kv`` with ``parts='kv'``). The output projection becomes a :class:`TiedT` of
+    :attr:`out_src`. Forms as :data:`ATTN_FORMS`.
+    """
+
+    def __init__(self, dim: int, form: str = 'qo_kv', bias: bool = True, parts: str = 'qkv',
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if form not in ATTN_FORMS:
+            raise ValueError(f"unknown attention form '{form}', expected one of {ATTN_FORMS}")
+        if parts not in ('qkv', 'kv'):
+            raise ValueError(f"TiedQKV: parts must be 'qkv' or 'kv', got '{parts}'")
+        self.form, self.parts = form, parts
+        if parts == 'kv':  # Q and the output live in their own (tied) modules; here K = W x, V = Wᵀ x
+            self.kv = TiedLinear(dim, dim, bias=bias, bias_t=bias, **dd)
+        elif form == 'qo_kv':
+            self.q = TiedLinear(dim, dim, bias=bias, bias_t=False, **dd)  # W_q: Q; W_qᵀ: out (TiedT)
+            self.kv = TiedLinear(dim, dim, bias=bias, bias_t=bias, **dd)  # W_kv: K, W_kvᵀ: V
+        elif form == 'qk_vo':
+            self.qk = TiedLinear(dim, dim, bias=bias, bias_t=bias, **dd)  # W_qk: Q, W_qkᵀ: K
+            self.vo = TiedLinear(dim, dim, bias=bias, bias_t=False, **dd)  # W_vo: V; W_voᵀ: out (TiedT)
+        else:  # 'vo'
+            self.q = nn.Linear(dim, dim, bias=bias, **dd)
+            self.k = nn.Linear(dim, dim, bias=bias, **dd)
+            self.vo = TiedLinear(dim, dim, bias=bias, bias_t=False, **dd)  # W_v: V; W_vᵀ: out (TiedT)
+
+    @property
+    def out_src(self) -> Optional[TiedLinear]:
+        """The TiedLinear whose transpose is the output projection (None for parts='kv')."""
+        if self.parts == 'kv':
+            return None
+        return self.q if self.form == 'qo_kv' else self.vo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parts == 'kv':
+            return torch.cat([self.kv(x), self.kv.forward_t(x)], dim=-1)  # (..., 2d): [K | V]
+        f = self.form
+        if f == 'qo_kv':
+            q, k, v = self.q(x), self.kv(x), self.kv.forward_t(x)
+        elif f == 'qk_vo':
+            q, k, v = self.qk(x), self.qk.forward_t(x), self.vo(x)
+        else:
+            q, k, v = self.q(x), self.k(x), self.vo(x)
+        return torch.cat([q, k, v], dim=-1)  # (..., 3d)
 
 
 class PeMlp(nn.Module):
@@ -127,6 +215,7 @@ class PeMlp(nn.Module):
             norm_layer: Optional[Type[nn.Module]] = None,
             bias: bool = True,
             drop: float = 0.,
+            use_scale: bool = False,
             device=None,
             dtype=None,
             **kwargs,
@@ -143,12 +232,24 @@ class PeMlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.norm = norm_layer(hidden_features, device=device, dtype=dtype) if norm_layer else nn.Identity()
         self.drop2 = nn.Dropout(drop)
+        self.use_scale = use_scale
+        if use_scale:  # per-use channel scales (rowcol's addition, not the paper's), start at one
+            dd = {'device': device, 'dtype': dtype}
+            self.scale_w = nn.Parameter(torch.ones(hidden_features, **dd))  # on W x (hidden)
+            self.scale_t_in = nn.Parameter(torch.ones(hidden_features, **dd))  # on Wᵀ's input (hidden)
+            self.scale_t_out = nn.Parameter(torch.ones(in_features, **dd))  # on Wᵀ's output (dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc(x)  # (B, N, hidden) = W x + b1
+        if self.use_scale:
+            x = x * self.scale_w
         x = self.drop1(self.act(x))
         x = self.norm(x)
+        if self.use_scale:
+            x = x * self.scale_t_in
         x = self.fc.forward_t(x)  # (B, N, dim) = Wᵀ F(.) + b2, the same W
+        if self.use_scale:
+            x = x * self.scale_t_out
         return self.drop2(x)
 
 
@@ -168,6 +269,7 @@ class PeAttention(nn.Module):
     :func:`pe_attention`. All four biases (q, k, v, out) are kept when ``qkv_bias``/``proj_bias``.
     """
     form: str = 'qo_kv'
+    scaled: bool = False  # the default of ``use_scale`` (a class attribute, like ``form``)
     fused_attn: bool = True
 
     def __init__(
@@ -181,11 +283,13 @@ class PeAttention(nn.Module):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             norm_layer: Optional[Type[nn.Module]] = None,
+            use_scale: Optional[bool] = None,
             device=None,
             dtype=None,
             **kwargs,
     ) -> None:
         super().__init__()
+        use_scale = self.scaled if use_scale is None else use_scale
         if dim % num_heads:
             raise ValueError(f'PeAttention: dim ({dim}) must be divisible by num_heads ({num_heads})')
         if qk_norm or scale_norm:
@@ -209,6 +313,10 @@ class PeAttention(nn.Module):
             self.vo = TiedLinear(dim, dim, bias=qkv_bias, bias_t=proj_bias, **dd)  # W_v: V, W_vᵀ: out
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.use_scale = use_scale
+        if use_scale:  # one channel scale per projection (rowcol's addition), starting at one
+            self.scale_qkv = nn.Parameter(torch.ones(3, dim, **dd))  # on Q, K, V
+            self.scale_out = nn.Parameter(torch.ones(dim, **dd))  # on the output projection
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = x.device.type
@@ -218,13 +326,18 @@ class PeAttention(nn.Module):
             x = x.to(torch.get_autocast_dtype(dev))
         f = self.form
         if f == 'qo_kv':
-            return self.q(x), self.kv(x), self.kv.forward_t(x)
-        if f == 'qk_vo':
-            return self.qk(x), self.qk.forward_t(x), self.vo(x)
-        return self.q(x), self.k(x), self.vo(x)
+            q, k, v = self.q(x), self.kv(x), self.kv.forward_t(x)
+        elif f == 'qk_vo':
+            q, k, v = self.qk(x), self.qk.forward_t(x), self.vo(x)
+        else:
+            q, k, v = self.q(x), self.k(x), self.vo(x)
+        if self.use_scale:
+            q, k, v = q * self.scale_qkv[0], k * self.scale_qkv[1], v * self.scale_qkv[2]
+        return q, k, v
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q.forward_t(x) if self.form == 'qo_kv' else self.vo.forward_t(x)
+        x = self.q.forward_t(x) if self.form == 'qo_kv' else self.vo.forward_t(x)
+        return x * self.scale_out if self.use_scale else x
 
     def forward(
             self,
@@ -249,14 +362,17 @@ class PeAttention(nn.Module):
         return self.proj_drop(self._out(x))
 
 
-_ATTN_CLASSES: dict[str, type[PeAttention]] = {'qo_kv': PeAttention}
+_ATTN_CLASSES: dict[tuple[str, bool], type[PeAttention]] = {('qo_kv', False): PeAttention}
 
 
-def pe_attention(form: str) -> type[PeAttention]:
+def pe_attention(form: str, use_scale: bool = False) -> type[PeAttention]:
     """The ``PeAttention`` class for one tie pattern (timm wants a class, not a partial)."""
     if form not in ATTN_FORMS:
         raise ValueError(f"unknown attention form '{form}', expected one of {ATTN_FORMS} "
                          f"(or 'dense' for untied attention)")
-    if form not in _ATTN_CLASSES:
-        _ATTN_CLASSES[form] = type(f'PeAttention_{form}', (PeAttention,), {'form': form, '__module__': __name__})
-    return _ATTN_CLASSES[form]
+    key = (form, bool(use_scale))
+    if key not in _ATTN_CLASSES:
+        name = f"PeAttention_{form}{'_scaled' if use_scale else ''}"
+        _ATTN_CLASSES[key] = type(name, (PeAttention,), {'form': form, 'scaled': bool(use_scale),
+                                                         '__module__': __name__})
+    return _ATTN_CLASSES[key]

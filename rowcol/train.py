@@ -36,7 +36,8 @@ from rowcol import checkpoint as ckpt
 from rowcol.config import RESUMABLE, TrainConfig, config_from_dict
 from rowcol.data import save_split
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
-from rowcol.models import create_model, model_defaults
+from rowcol.halve import halve
+from rowcol.models import create_model, model_defaults, pe_spec
 from rowcol.pipeline import NAMED, build_data, data_fingerprint, seed_step_rngs
 from rowcol.runtime import Dist, all_reduce_sum, autocast, barrier, init_distributed
 
@@ -134,7 +135,7 @@ def compute_loss(criterion: nn.Module, output: torch.Tensor, target: torch.Tenso
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainConfig, state: dict,
                     device: torch.device, d: Dist, ema=None, mixup=None, erasing=None, scaler=None,
-                    save=lambda state: None, progress: bool = True) -> dict:
+                    save=lambda state: None, progress: bool = True, teacher=None) -> dict:
     """One epoch from ``state['batch']``; ``state`` (epoch, batch, step, sums) is updated in place.
 
     Stops early, after saving, when a signal arrived on any process or at ``cfg.max_steps``.
@@ -154,7 +155,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
         if mixup is not None:
             x, y = mixup(x, y)
         with autocast(device, cfg.amp):
-            loss = compute_loss(criterion, model(x), y)
+            out = model(x)
+            loss = compute_loss(criterion, out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(x)  # the same (augmented, mixed) images, the same autocast
+                loss = distill_loss(loss, out, soft, cfg.distill_alpha, cfg.distill_tau)
         loss_value = loss.item()
         # one collective per step: non-finite losses, stop requests and the loss sum of all ranks
         bad, stop, loss_sum, n = all_reduce_sum(
@@ -281,10 +287,54 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     try:
-        return create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
-                            drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+        model = create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
+                             drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'--model {cfg.model} with --model-kwargs {json.dumps(cfg.model_kwargs)}: {e}') from None
+    if cfg.halve and not cfg.init_from:
+        halve(model, attn=cfg.halve_attn, init='scratch', use_scale=cfg.halve_scale)
+    return model
+
+
+def _init_from(cfg: TrainConfig, model: nn.Module, classes: list[str]) -> nn.Module:
+    """The model of ``cfg`` built from the trained dense run ``cfg.init_from``, halved with init='dense'."""
+    run = Path(cfg.init_from)
+    saved = load_run_config(run)
+    written = ckpt.read_json(run / ckpt.CONFIG)
+    if saved.halve or pe_spec(saved.model) is not None:
+        raise ConfigError(f'--init-from {run}: a PE run ({saved.model}{", halved" if saved.halve else ""}); '
+                          'it takes a trained dense run')
+    if (saved.model, saved.model_kwargs, saved.img_size) != (cfg.model, cfg.model_kwargs, cfg.img_size):
+        raise ConfigError(f'--init-from {run}: the run trained {saved.model} with --model-kwargs '
+                          f'{json.dumps(saved.model_kwargs)} (img_size {saved.img_size}), this run asks for '
+                          f'{cfg.model} with {json.dumps(cfg.model_kwargs)} (img_size {cfg.img_size})')
+    if written.get('classes') != classes:
+        raise ConfigError(f'--init-from {run}: its classes {written.get("classes")} differ from the data\'s {classes}')
+    ckpt.load_weights(model, run / ckpt.WEIGHTS)
+    return halve(model, attn=cfg.halve_attn, init='dense', use_scale=cfg.halve_scale)
+
+
+def _load_teacher(cfg: TrainConfig, classes: list[str], device: torch.device) -> nn.Module:
+    """The frozen teacher of ``cfg.teacher``, in eval mode on ``device``; refused if it does not fit."""
+    teacher, written = ckpt.load_run(cfg.teacher)
+    if written.get('classes') != classes:
+        raise ConfigError(f'--teacher {cfg.teacher}: its classes {written.get("classes")} differ from the '
+                          f'data\'s {classes}')
+    mine, theirs = model_defaults(cfg.model), model_defaults(written['model'])
+    for key in ('mean', 'std'):
+        if tuple(mine[key]) != tuple(theirs[key]):
+            raise ConfigError(f'--teacher {cfg.teacher}: {written["model"]} normalises with {key} {theirs[key]}, '
+                              f'{cfg.model} with {mine[key]}; both must see the same input')
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def distill_loss(loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, alpha: float,
+                 tau: float) -> torch.Tensor:
+    """``(1 - alpha) loss + alpha tau² KL(teacher/tau ‖ student/tau)`` (soft targets, as DeiT's soft distillation)."""
+    kl = F.kl_div(F.log_softmax(student.float() / tau, dim=-1), F.log_softmax(teacher.float() / tau, dim=-1),
+                  reduction='batchmean', log_target=True)
+    return (1 - alpha) * loss + alpha * tau * tau * kl
 
 
 def _build_optim(cfg: TrainConfig, model: nn.Module, updates_per_epoch: int):
@@ -320,6 +370,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     """
     output = Path(output)
     cfg.data, cfg.val_data = _absolute(cfg.data), _absolute(cfg.val_data)
+    cfg.init_from, cfg.teacher = _absolute(cfg.init_from), _absolute(cfg.teacher)
     check_run_dir(output, resume, overwrite)  # every rank raises alike
     d, device = init_distributed(cfg.device)
     if cfg.amp == 'fp16' and device.type != 'cuda':
@@ -333,6 +384,11 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     num_classes = len(data.classes)
     torch.manual_seed(cfg.seed)  # the initial weights
     model = _build_model(cfg, num_classes)
+    if cfg.init_from and not resume:
+        model = _init_from(cfg, model, data.classes)
+    elif cfg.init_from:
+        halve(model, attn=cfg.halve_attn, init='scratch', use_scale=cfg.halve_scale)  # weights come from the state
+    teacher = _load_teacher(cfg, data.classes, device) if cfg.teacher else None
     if cfg.channels_last is None:
         cfg.channels_last = not hasattr(model, 'patch_embed')  # CNNs run faster channels_last
     model.to(device)
@@ -414,7 +470,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     with _stop_on_signals():
         while state['epoch'] < cfg.epochs and not _at_max_steps(cfg, state):
             state = train_one_epoch(train_model, data.train, optimizer, scheduler, criterion, cfg, state, device,
-                                    d, ema, mixup, erasing, scaler, save, progress)
+                                    d, ema, mixup, erasing, scaler, save, progress, teacher)
             result.step_losses += state['losses']
             state['losses'] = []
             stopped = state.pop('stopped', None)

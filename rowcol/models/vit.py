@@ -15,12 +15,17 @@ comparison changes nothing but the tie. Builder kwargs for ablations:
   (untied attention, tied MLP only);
 * ``mlp_act``: ``'gelu'`` (default), ``'identity'`` (the paper's break condition) or ``'relu'``;
   dense models take it too, so a PE model and its twin can share the activation;
-* ``tie_mlp=False``: an untied timm ``Mlp``.
+* ``tie_mlp=False``: an untied timm ``Mlp``;
+* ``use_scale=True``: per-use channel scales, initialised to one (rowcol's addition, not the
+  paper's): on both hidden sides and the output of the MLP's ``Wᵀ``, and on each of Q, K, V
+  and the output projection; under 2 % of the parameters (1.6 % for the nano model).
 
 Deviations from the paper: weight init is timm's (truncated normal, std 0.02) for W as for
 the dense twin's Linear layers; the small-image models (32-px CIFAR, 16-px upsampled digits) are rowcol's CPU-sized additions, not the paper's.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch.nn as nn
 from timm.layers import Attention, Mlp
@@ -39,17 +44,19 @@ _MLP_ACTS = {'gelu': nn.GELU, 'identity': nn.Identity, 'relu': nn.ReLU}
 
 
 def _create_vit(variant: str, pretrained: bool = False, pe: bool = True, attn_form: str = 'qo_kv',
-                mlp_act: str = 'gelu', tie_mlp: bool = True, **kwargs) -> VisionTransformer:
+                mlp_act: str = 'gelu', tie_mlp: bool = True, use_scale: bool = False,
+                **kwargs) -> VisionTransformer:
     if pretrained and pe:
         raise ValueError(f'{variant}: rowcol has no pretrained ImageNet weights for PE models; '
                          'train one (rowcol train) or load a run with --checkpoint')
     if mlp_act not in _MLP_ACTS:
         raise ValueError(f"{variant}: unknown mlp_act '{mlp_act}', expected one of {sorted(_MLP_ACTS)}")
     if pe:
-        kwargs.setdefault('mlp_layer', PeMlp if tie_mlp else Mlp)
-        kwargs.setdefault('attn_layer', Attention if attn_form == 'dense' else pe_attention(attn_form))
-    elif attn_form != 'qo_kv' or not tie_mlp:
-        raise ValueError(f'{variant} is dense: attn_form and tie_mlp apply to PE models only')
+        pe_mlp = partial(PeMlp, use_scale=True) if use_scale else PeMlp
+        kwargs.setdefault('mlp_layer', pe_mlp if tie_mlp else Mlp)
+        kwargs.setdefault('attn_layer', Attention if attn_form == 'dense' else pe_attention(attn_form, use_scale))
+    elif attn_form != 'qo_kv' or not tie_mlp or use_scale:
+        raise ValueError(f'{variant} is dense: attn_form, tie_mlp and use_scale apply to PE models only')
     kwargs.setdefault('act_layer', _MLP_ACTS[mlp_act])  # the same activation for a PE model and its twin
     model = build_model_with_cfg(
         VisionTransformer, variant, pretrained,
