@@ -161,7 +161,7 @@ def _finished(run_dir: Path) -> bool:
 
 
 def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = None,
-          only: list[str] | None = None) -> None:
+          only: list[str] | None = None, runs: list | None = None) -> None:
     """Runs RUNS (or those of them named in ``only``), skipping those finished in ``done`` (e.g.
     results/cifar10) or in ``out``; a run stopped by an earlier call (``train_state.pt`` in
     ``out/runs/<run>``) is resumed."""
@@ -169,10 +169,11 @@ def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = 
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     places = [runs_dir] + ([done] if done else [])  # in done/ also the same run made on the CPU
-    queue = [(n, a) for n, a in RUNS if (not only or n in only)
+    runs = runs or RUNS
+    queue = [(n, a) for n, a in runs if (not only or n in only)
              and not any(_finished(p / m) for p in places for m in (n, n.removesuffix('-h100')))]
     running, t0, status = {}, time.time(), {}
-    _log(f'{len(queue)} of {len(RUNS)} runs to do')
+    _log(f'{len(queue)} of {len(runs)} runs to do')
     while queue or running:
         for name, p in list(running.items()):
             if p.poll() is not None:
@@ -210,12 +211,13 @@ def train(out: Path, data: str, jobs: int, deadline: float, done: Path | None = 
     (out / 'train_status.json').write_text(json.dumps(dict(jobs=jobs, deadline=deadline, runs=status), indent=1))
 
 
-def pack(work: Path, dest: Path, chunk: int = 15 << 20) -> None:
+def pack(work: Path, dest: Path, chunk: int = 15 << 20, runs: list | None = None) -> None:
     """Logs and JSON into dest/meta.tgz; run directories (no best-epoch copy; the resumable state
     only of unfinished runs, last) into dest/runs.tar.00, .01, ... of at most ``chunk`` bytes, in
     RUNS order (``cat runs.tar.* | tar x``). The device returns at most 64 MB: what is over is lost
     from the end, so unfinished runs' states go last."""
     import tarfile
+    order = runs
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob('runs.tar.*'):
         old.unlink()
@@ -225,7 +227,7 @@ def pack(work: Path, dest: Path, chunk: int = 15 << 20) -> None:
             if f.is_file() and f.suffix in ('.log', '.json', '.txt') and 'runs' not in f.relative_to(work).parts:
                 t.add(f, str(f.relative_to(work)))
     whole = work / 'runs.tar'
-    dirs = [runs / name for name, _ in RUNS if (runs / name).is_dir()]
+    dirs = [runs / name for name, _ in (order or RUNS) if (runs / name).is_dir()]
     _log(f'packing {len(dirs)} run directories from {runs}')
     with tarfile.open(whole, 'w') as t:
         for d in dirs:
@@ -256,8 +258,11 @@ def main() -> None:
     ap.add_argument('--done', type=Path, help='train: skip runs finished in this results folder (with or '
                     'without the -h100 suffix)')
     ap.add_argument('--deadline', type=float, default=420, help='seconds: bench budget, or when unfinished runs stop')
+    ap.add_argument('--runs', type=Path, help='train, pack: a JSON list of [name, [rowcol train flags]] in priority '
+                    'order, instead of the built-in RUNS (e.g. benchmarks/runs/vit_gap.json)')
     a = ap.parse_args()
-    names = [n for n, _ in RUNS] if a.phase == 'train' else [stem for stem, _ in BENCHES]
+    runs = json.loads(a.runs.read_text()) if a.runs else RUNS
+    names = [n for n, _ in runs] if a.phase == 'train' else [stem for stem, _ in BENCHES]
     if a.only and set(a.only) - set(names):
         ap.error(f'--only: no such name {sorted(set(a.only) - set(names))} for {a.phase}; names: {names}')
     a.out.mkdir(parents=True, exist_ok=True)
@@ -269,11 +274,11 @@ def main() -> None:
     elif a.phase == 'pack':
         if not a.dest:
             ap.error('pack needs --dest')
-        pack(a.out, a.dest)
+        pack(a.out, a.dest, runs=runs)
     else:
         if not a.data:
             ap.error('train needs --data')
-        train(a.out, a.data, a.jobs, a.deadline, a.done, a.only)
+        train(a.out, a.data, a.jobs, a.deadline, a.done, a.only, runs)
 
 
 if __name__ == '__main__':

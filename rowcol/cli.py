@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from rowcol.errors import Interrupted, RowcolError
+from rowcol.errors import ConfigError, Interrupted, RowcolError
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
     from rowcol.report import format_table, param_rows
-    rows = param_rows(args.models or None, num_classes=args.num_classes, img_size=args.img_size)
+    if args.halve and not args.models:
+        raise ConfigError('params --halve: name the dense timm model(s) to halve, e.g. rowcol params --halve resnet50')
+    rows = param_rows(args.models or None, num_classes=args.num_classes, img_size=args.img_size,
+                      halve_attn=args.halve_attn if args.halve else None)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
@@ -22,6 +25,10 @@ def _add_params(sub) -> None:
     p.add_argument('models', nargs='*', metavar='MODEL', help='model names (default: every PE model)')
     p.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the model\'s own)')
     p.add_argument('--img-size', type=int, default=None, help='square input size (default: the model\'s own)')
+    p.add_argument('--halve', action='store_true', help='the models are dense timm models: measure each as it '
+                   'is and halved with rowcol.halve')
+    p.add_argument('--halve-attn', default='qo_kv', choices=['qo_kv', 'qk_vo', 'vo', 'dense'],
+                   help='attention form for --halve (default: the authors\' qo_kv)')
     p.add_argument('--json', action='store_true', help='print a JSON list instead of a table')
     p.set_defaults(func=_cmd_params)
 

@@ -304,7 +304,8 @@ def halve(model: nn.Module, *, mlp: bool = True, attn: Optional[str] = 'qo_kv', 
     report = _Halver(model, mlp, attn, init, use_scale).run()
     if not report.tied:
         reasons = '; '.join(f"{r['name']}: {r['reason']}" for r in report.dense[:3])
-        raise NothingToHalveError(f'{type(model).__name__}: nothing to halve (no MLP, attention or '
+        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+        raise NothingToHalveError(f'{arch}: nothing to halve (no MLP, attention or '
                                   f'bottleneck pair can be tied{": " + reasons if reasons else ""})')
     model.halve_report = report
     return model

@@ -4,28 +4,45 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import rowcol  # noqa: F401  (registers models)
+from rowcol.halve import halve
 from rowcol.models import create_model, dense_twin, pe_models
 from rowcol.stats import count_macs, count_params, input_size_of
 
 __all__ = ['param_rows', 'format_table']
 
 
-def _measure(name: str, num_classes: Optional[int], img_size: Optional[int]) -> tuple[int, int]:
+def _measure(name: str, num_classes: Optional[int], img_size: Optional[int],
+             halve_attn: Optional[str] = None) -> tuple[int, int, Optional[list]]:
+    """Params and MACs of ``name`` (halved with ``halve_attn`` if given), and what halve left dense."""
     kwargs = {} if num_classes is None else {'num_classes': num_classes}
     model = create_model(name, img_size=img_size, **kwargs)
-    return count_params(model), count_macs(model, input_size_of(model, img_size))
+    if halve_attn is not None:
+        halve(model, attn=halve_attn)
+    left = [f"{r['name']}: {r['reason']}" for r in model.halve_report.dense] if halve_attn is not None else None
+    return count_params(model), count_macs(model, input_size_of(model, img_size)), left
 
 
 def param_rows(models: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
-               img_size: Optional[int] = None) -> list[dict]:
-    """One dict per model: model, params, dense, dense_params, ratio, macs, dense_macs."""
+               img_size: Optional[int] = None, halve_attn: Optional[str] = None) -> list[dict]:
+    """One dict per model: model, params, dense, dense_params, ratio, macs, dense_macs.
+
+    With ``halve_attn`` (a form, or 'dense'), each model is a dense timm model measured as it is
+    and halved (:func:`rowcol.halve`); ``left_dense`` lists the pairs halve could not tie.
+    """
     rows = []
     for name in models or pe_models():
-        params, macs = _measure(name, num_classes, img_size)
+        if halve_attn is not None:
+            dense_params, dense_macs, _ = _measure(name, num_classes, img_size)
+            params, macs, left = _measure(name, num_classes, img_size, halve_attn)
+            rows.append(dict(model=f'{name} (halved)', params=params, dense=name, dense_params=dense_params,
+                             ratio=round(params / dense_params, 4), macs=macs, dense_macs=dense_macs,
+                             left_dense=left))
+            continue
+        params, macs, _ = _measure(name, num_classes, img_size)
         dense = dense_twin(name)
         dense_params = dense_macs = ratio = None
         if dense:
-            dense_params, dense_macs = _measure(dense, num_classes, img_size)
+            dense_params, dense_macs, _ = _measure(dense, num_classes, img_size)
             ratio = round(params / dense_params, 4)
         rows.append(dict(model=name, params=params, dense=dense, dense_params=dense_params,
                          ratio=ratio, macs=macs, dense_macs=dense_macs))
@@ -43,4 +60,5 @@ def format_table(rows: Sequence[dict]) -> str:
     head = ['model', 'params', 'dense', 'dense_params', 'ratio', 'macs', 'dense_macs']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     lines += ['| ' + ' | '.join(_fmt(r[k]) for k in head) + ' |' for r in rows]
-    return '\n'.join(lines)
+    left = [f"{r['dense']}: left dense: {item}" for r in rows for item in r.get('left_dense') or []]
+    return '\n'.join(lines + left)
