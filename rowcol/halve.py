@@ -117,7 +117,8 @@ class _Halver:
         """W from (l1, l2) for init='dense' (and the biases into b1, b2); a report row either way."""
         row = dict(name=name, kind=kind, saved=_mat(l2).numel())
         if self.init == 'dense':
-            w1, w2 = _mat(l1).float(), _mat(l2).float()
+            acc = torch.promote_types(_mat(l1).dtype, torch.float32)  # at least fp32 for the mean
+            w1, w2 = _mat(l1).to(acc), _mat(l2).to(acc)
             w_new = (w1 + w2.t()) / 2  # the W closest to W1 and W2ᵀ in least squares
             w.weight.copy_(w_new)
             row['rel_error'] = ((w1 - w_new).norm() / w1.norm().clamp_min(1e-12)).item()

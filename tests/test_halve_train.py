@@ -1,0 +1,103 @@
+"""Training halved models: --halve, --init-from (a dense run, halved with init='dense'), --teacher."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rowcol.checkpoint import load_run, load_weights
+from rowcol.cli import main
+from rowcol.halve import halve
+from rowcol.layers import PeMlp
+from rowcol.models import create_model
+from rowcol.train import distill_loss
+
+DENSE = 'vit_micro_patch4_16'
+FAST = ['--recipe', 'digits', '--epochs', '1', '--subset', '256', '--batch-size', '32', '--quiet']
+
+
+@pytest.fixture(scope='module')
+def dense_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs') / 'dense'
+    assert main(['train', '--model', DENSE, *FAST, '--output', str(out)]) == 0
+    return out
+
+
+def test_distill_loss_limits():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = F.cross_entropy(s, y)
+    torch.testing.assert_close(distill_loss(ce, s, t, alpha=0.0, tau=2.0), ce)
+    assert distill_loss(ce, s, s, alpha=1.0, tau=3.0).abs() < 1e-6  # same logits: no KL
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.softmax(t / 2, -1), reduction='batchmean')
+    torch.testing.assert_close(distill_loss(ce, s, t, alpha=0.25, tau=2.0), 0.75 * ce + 0.25 * 4 * kl)
+
+
+def test_train_halved_timm_model_then_eval_and_resume(tmp_path, capsys):
+    out = tmp_path / 'h'
+    assert main(['train', '--model', DENSE, '--halve', '--halve-attn', 'vo', *FAST, '--max-steps', '3',
+                 '--output', str(out)]) == 0
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['halve'] is True and cfg['halve_attn'] == 'vo'
+    assert main(['train', '--resume', str(out), '--max-steps', '0', '--quiet']) == 0
+    model, _ = load_run(out)  # rebuilt halved from config.json, loaded strictly
+    assert isinstance(model.blocks[0].mlp, PeMlp) and hasattr(model.blocks[0].attn, 'vo')
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(out), '--data', 'digits', '--confusion', '', '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['num_images'] > 0
+
+
+def test_init_from_starts_at_the_halved_dense_weights(dense_run, tmp_path):
+    from rowcol.config import resolve_config
+    from rowcol.train import _build_model, _init_from
+    cfg = resolve_config('digits', model=DENSE, halve=True, init_from=str(dense_run))
+    classes = json.loads((dense_run / 'config.json').read_text())['classes']
+    model = _init_from(cfg, _build_model(cfg, len(classes)), classes)
+    dense = create_model(DENSE, num_classes=len(classes))
+    load_weights(dense, dense_run / 'model.safetensors')
+    expected = halve(copy.deepcopy(dense), init='dense')
+    for (n, a), (m, b) in zip(model.state_dict().items(), expected.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    assert model.halve_report.init == 'dense'
+
+
+def test_init_from_and_teacher_train_and_record(dense_run, tmp_path):
+    out = tmp_path / 'conv'
+    assert main(['train', '--init-from', str(dense_run), '--teacher', str(dense_run), '--distill-alpha', '0.7',
+                 *FAST, '--mixup', '0.2', '--output', str(out)]) == 0  # model taken from the run; soft targets
+    cfg = json.loads((out / 'config.json').read_text())
+    assert (cfg['model'], cfg['halve'], cfg['distill_alpha']) == (DENSE, True, 0.7)
+    assert cfg['init_from'] == str(dense_run.resolve()) and cfg['teacher'] == str(dense_run.resolve())
+    model, _ = load_run(out)
+    assert isinstance(model.blocks[0].mlp, PeMlp)
+
+
+def test_refusals_write_nothing(dense_run, tmp_path, capsys):
+    out = tmp_path / 'x'
+    halved_run = tmp_path / 'pe'
+    assert main(['train', '--model', DENSE, '--halve', *FAST, '--max-steps', '1', '--output', str(halved_run)]) == 0
+    capsys.readouterr()
+    assert main(['train', '--init-from', str(halved_run), *FAST, '--output', str(out)]) == 2
+    assert 'a PE run' in capsys.readouterr().err
+    assert main(['train', '--init-from', str(dense_run), '--model', 'vit_pe_micro_patch4_16', *FAST,
+                 '--output', str(out)]) == 2
+    assert 'the run trained vit_micro_patch4_16' in capsys.readouterr().err
+    assert main(['train', '--init-from', str(tmp_path / 'nope'), *FAST, '--output', str(out)]) == 2
+    assert 'not found' in capsys.readouterr().err
+    other = tmp_path / 'other'
+    other.mkdir()
+    for f in dense_run.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / 'config.json').read_text())
+    (other / 'config.json').write_text(json.dumps({**cfg, 'classes': [f'c{i}' for i in range(10)]}))
+    assert main(['train', '--model', 'vit_pe_micro_patch4_16', '--teacher', str(other), *FAST,
+                 '--output', str(out)]) == 2
+    assert 'differ from the data' in capsys.readouterr().err
+    assert main(['train', '--model', 'resnet18', '--halve', *FAST, '--img-size', '16', '--output', str(out)]) == 2
+    assert 'resnet18: nothing to halve' in capsys.readouterr().err
+    assert main(['params', '--halve', 'resnet18']) == 2
+    assert not out.exists()
