@@ -5,8 +5,9 @@ table of docs/RESULTS.md, and plot validation curves per model family (curves-<f
 
 One entry per finished run (unfinished ones are named on stderr and left out): run, model, dense (its dense twin, or null for a dense
 model), seed, params, epochs (completed), val_top1 / val_top5 (last epoch), best_val_top1,
-wall_seconds (training plus per-epoch evaluation time, summed over epochs; runs made before
-``eval_seconds`` was logged count training time only), amp, device (``cuda``: the lent H100, with
+variant (model_kwargs, halving, and the models of --init-from and --teacher), teacher and init_from
+(run directory names), wall_seconds (training plus per-epoch evaluation time, summed over epochs; runs made before
+``eval_seconds`` was logged count training time only), amp, device (``cuda``: a lent GPU, the H100 for runs named -h100 and the H200 for -h200, with
 other runs sharing it, see docs/RESULTS.md; ``cpu``: the 2-core VM; runs made before
 ``device_used`` was recorded and without ``--device`` ran on the CPU), model_kwargs.
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from rowcol.checkpoint import write_json
+from rowcol.halve import halve
 from rowcol.models import create_model, dense_twin
 from rowcol.stats import count_params
 from rowcol.train import plot_curves, read_metrics
@@ -28,8 +30,12 @@ def summarize(root: Path) -> list[dict]:
         rows = read_metrics(run)
         model = create_model(cfg['model'], img_size=cfg.get('img_size'), num_classes=cfg['num_classes'],
                              **cfg.get('model_kwargs', {}))
+        if cfg.get('halve'):
+            halve(model, attn=cfg.get('halve_attn', 'qo_kv'), use_scale=bool(cfg.get('halve_scale')))
         last = rows[-1] if rows else {}
+        teacher, init_from = (Path(cfg[k]).name if cfg.get(k) else None for k in ('teacher', 'init_from'))
         runs.append(dict(run=run.name, model=cfg['model'], dense=dense_twin(cfg['model']), seed=cfg['seed'],
+                         variant=_variant(cfg, root), teacher=teacher, init_from=init_from,
                          params=count_params(model), epochs=len(rows), planned_epochs=cfg['epochs'],
                          val_top1=last.get('val_top1'), val_top5=last.get('val_top5'),
                          best_val_top1=max((r['val_top1'] for r in rows), default=None),
@@ -39,8 +45,16 @@ def summarize(root: Path) -> list[dict]:
     return runs
 
 
-def _variant(run: dict) -> str:
-    return ', '.join(f'{k}={v}' for k, v in sorted(run['model_kwargs'].items())) or '-'
+def _variant(cfg: dict, root: Path) -> str:
+    """What sets a run apart from the plain model: model_kwargs, halving, init, teacher (by model, not run)."""
+    parts = [f'{k}={v}' for k, v in sorted(cfg.get('model_kwargs', {}).items())]
+    if cfg.get('halve'):
+        parts.append(f"halved({cfg.get('halve_attn', 'qo_kv')}{', scale' if cfg.get('halve_scale') else ''})")
+    for key in ('init_from', 'teacher'):
+        if cfg.get(key):
+            other = json.loads((root / Path(cfg[key]).name / 'config.json').read_text())['model']
+            parts.append(f'{key}={other}')
+    return ', '.join(parts) or '-'
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -52,7 +66,7 @@ def table(runs: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         if r['val_top1'] is not None:
-            groups.setdefault((r['model'], _variant(r), r['device']), []).append(r)
+            groups.setdefault((r['model'], r['variant'], r['device']), []).append(r)
     lines = ['| model | variant | device | params | epochs | seeds | val top-1 (%) | val top-5 (%) |',
              '|---|---|---|---|---|---|---|---|']
     for (model, variant, device), rs in sorted(groups.items(), key=lambda kv: (kv[1][0]['dense'] or kv[0][0], kv[0])):
