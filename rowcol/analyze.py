@@ -68,10 +68,10 @@ def _record(model: nn.Module):
     def wrap(name: str, m: TiedLinear, method: str, channels_last_view: bool):
         original = getattr(m, method)
 
-        def recorded(x):
+        def recorded(x, *args, **kwargs):  # a TiedT passes its own bias
             h = x.movedim(1, -1) if channels_last_view else x  # conv inputs: channels to the last dim
             stats.setdefault(name, _Energy(m.weight)).add(h)
-            return original(x)
+            return original(x, *args, **kwargs)
         setattr(m, method, recorded)  # instance attribute shadows the class method
     for name, m in tied_modules(model):
         wrap(name, m, 'forward_t', False)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 import rowcol  # noqa: F401  (registers models)
 from rowcol.errors import ConfigError
+from rowcol.halve import halve
 from rowcol.models import create_model, dense_twin
 from rowcol.runtime import autocast, resolve_device
 from rowcol.stats import count_macs, count_params, input_size_of
@@ -68,8 +69,13 @@ DEFAULTS = dict(mode='infer', batch_size=64, repeats=5, warmup=3, steps=10, late
 # ----------------------------------------------------------------------------------------
 # building
 
+HALVED = ' (halved)'  # a bench name ending in this: the timm model before it, through rowcol.halve
+
+
 def _build(name: str, img_size: Optional[int], num_classes: Optional[int]) -> nn.Module:
     kwargs: dict[str, Any] = {} if num_classes is None else {'num_classes': num_classes}
+    if name.endswith(HALVED):
+        return halve(create_model(name.removesuffix(HALVED), img_size=img_size, **kwargs))
     return create_model(name, img_size=img_size, **kwargs)
 
 
@@ -252,8 +258,12 @@ def bench(
         num_classes: Optional[int] = None,
         threads: Optional[int] = None,
         seed: int = 0,
+        halved: bool = False,
 ) -> dict:
     """Benchmark ``model`` against ``vs`` (default: its dense twin; ``'none'``: alone).
+
+    ``halved``: ``model`` is a dense timm model, benched halved (:func:`rowcol.halve`) against
+    itself as it is (or against ``vs``).
 
     Returns the dict that ``rowcol bench --json`` prints: the settings, ``results`` with one
     entry per model (``img_per_s`` median over repeats, ``img_per_s_min``/``_max``, ``trials``,
@@ -278,6 +288,8 @@ def bench(
         _check_int('img_size', img_size, 1)
     if threads is not None:
         _check_int('threads', threads, 1)
+    if halved:
+        model, vs = model + HALVED, model if vs is None else vs
     if vs is None:
         vs = dense_twin(model)
     elif vs.lower() == NO_VS:
@@ -551,6 +563,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda if available)')
     parser.add_argument('--weight-copies', action='store_true',
                         help='instead of timing: profile one CPU step of each model and list copies of weights')
+    parser.add_argument('--halve', action='store_true', help='--model is a dense timm model: bench it halved '
+                        '(rowcol.halve) against itself')
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
 
 
@@ -566,6 +580,7 @@ def run(args: argparse.Namespace) -> int:
     res = bench(args.model, vs=args.vs, mode=args.mode, batch_size=args.batch_size, img_size=args.img_size,
                 amp=args.amp, compile=args.compile, channels_last=args.channels_last, repeats=args.repeats,
                 warmup=args.warmup, steps=args.steps, device=args.device, latency_iters=args.latency_iters,
-                optimizer=args.optimizer, num_classes=args.num_classes, threads=args.threads)
+                optimizer=args.optimizer, num_classes=args.num_classes, threads=args.threads,
+                halved=args.halve)
     print(json.dumps(res, indent=2) if args.json else format_bench(res))
     return 0

@@ -34,6 +34,9 @@ from timm.layers import trunc_normal_
 __all__ = ['TiedLinear', 'TiedT', 'TiedQKV', 'PeMlp', 'PeAttention', 'ATTN_FORMS', 'pe_attention', 'tied_modules']
 
 
+_OWN = object()  # default of ``bias`` in the Wᵀ maps: the TiedLinear's own bias_t
+
+
 class TiedLinear(nn.Module):
     """One weight ``W`` (out_features, in_features) used as ``W`` and as ``Wᵀ``.
 
@@ -79,8 +82,9 @@ class TiedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out): column space of W
 
-    def forward_t(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_t(x, self.bias_t)  # (..., out) -> (..., in): row space, same W
+    def forward_t(self, x: torch.Tensor, bias=_OWN) -> torch.Tensor:
+        # (..., out) -> (..., in): row space, same W; ``bias``: another use's bias (TiedT), else bias_t
+        return self._apply_t(x, self.bias_t if bias is _OWN else bias)
 
     def _apply_t(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # x Wᵀᵀ = x W, so W itself is the right-hand matrix: the same GEMM as F.linear(x, W.t()),
@@ -93,8 +97,8 @@ class TiedLinear(nn.Module):
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
 
-    def conv_t(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_t(x, self.bias_t)
+    def conv_t(self, x: torch.Tensor, bias=_OWN) -> torch.Tensor:
+        return self._conv_t(x, self.bias_t if bias is _OWN else bias)
 
     def _conv_t(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # (B, out, H, W) -> (B, in, H, W). conv2d would copy the strided Wᵀ view to a contiguous
@@ -142,8 +146,8 @@ class TiedT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv:
-            return self.src._conv_t(x, self.bias)  # (B, out, H, W) -> (B, in, H, W)
-        return self.src._apply_t(x, self.bias)  # (..., out) -> (..., in)
+            return self.src.conv_t(x, self.bias)  # (B, out, H, W) -> (B, in, H, W)
+        return self.src.forward_t(x, self.bias)  # (..., out) -> (..., in)
 
     def extra_repr(self) -> str:
         return f'Wᵀ of a tied W ({self.src.out_features} -> {self.src.in_features}), bias={self.bias is not None}'

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from rowcol.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
-from ddp_step import global_batch  # noqa: E402
+from ddp_step import build, global_batch  # noqa: E402
 
 
 def _torchrun(args, tmp_path, nproc=2):
@@ -25,16 +24,15 @@ def _torchrun(args, tmp_path, nproc=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar'])
+@pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar', 'pvt_v2_b0+halved'])
 def test_ddp_gradients_and_step_equal_single_process(name, tmp_path):
     out = tmp_path / 'ddp.safetensors'
     _torchrun([str(ROOT / 'tests' / 'scripts' / 'ddp_step.py'), name, str(out)], tmp_path)
     got = load_file(out)
 
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10)
+    model, size = build(name)  # a halved timm model: W in fc1, Wᵀ in fc2 (TiedT), one Parameter
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = global_batch(model.pretrained_cfg['input_size'][-1])
+    x, y = global_batch(size)
     # Each process normalises its own half with BatchNorm (no SyncBatchNorm on CPU), so the
     # single-process reference runs the two halves through the model separately; a ViT has no
     # batch-dependent layer and the two forms agree.

@@ -101,3 +101,23 @@ def test_refusals_write_nothing(dense_run, tmp_path, capsys):
     assert 'resnet18: nothing to halve' in capsys.readouterr().err
     assert main(['params', '--halve', 'resnet18']) == 2
     assert not out.exists()
+
+
+def test_halved_run_exports_analyzes_and_benches(tmp_path, capsys):
+    out = tmp_path / 'pvt'
+    assert main(['train', '--model', 'pvt_v2_b0', '--halve',
+                 '--img-size', '32', *FAST, '--max-steps', '2', '--output', str(out)]) == 0
+    capsys.readouterr()
+    onnx_path = tmp_path / 'pvt.onnx'
+    assert main(['export', '--checkpoint', str(out), '--output', str(onnx_path)]) == 0  # checks each W once
+    assert onnx_path.stat().st_size > 0
+    capsys.readouterr()
+    assert main(['analyze', '--checkpoint', str(out), '--data', 'digits', '--num-images', '32', '--json',
+                 '--plot', '']) == 0
+    res = json.loads(capsys.readouterr().out)
+    names = {r['name'] for r in res['layers']}
+    assert 'stages.0.blocks.0.mlp.fc1' in names and 'stages.0.blocks.0.attn.q' in names  # Wᵀ inputs seen via TiedT
+    assert main(['bench', '--model', 'convnext_atto', '--halve', '--img-size', '32', '--batch-size', '2',
+                 '--steps', '1', '--repeats', '1', '--warmup', '1', '--latency-iters', '1', '--json']) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench['ratio_params'] < 0.7
