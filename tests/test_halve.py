@@ -302,3 +302,18 @@ def test_halve_in_place_returns_the_model_and_to_keeps_the_tie():
     assert blk.conv1.weight.dtype == torch.float64
     model(_input('resnet26').double()).sum().backward()
     assert blk.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16_224', 'pvt_v2_b0', 'swin_tiny_patch4_window7_224', 'resnet26'])
+def test_torch_compile_captures_the_tie_in_one_graph(name):
+    halved = halve(_dense(name)).train()
+    x = _input(name)
+    compiled = torch.compile(halved, backend='aot_eager', fullgraph=True)  # dynamo capture, no graph break
+    torch.manual_seed(0)
+    compiled(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in halved.named_parameters()}
+    halved.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    halved(x).square().sum().backward()
+    for n, p in halved.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
