@@ -30,11 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.fx import _symbolic_trace
 
 __all__ = ['TiedLinear', 'TiedT', 'TiedQKV', 'PeMlp', 'PeAttention', 'ATTN_FORMS', 'pe_attention', 'tied_modules']
 
 
 _OWN = object()  # default of ``bias`` in the Wᵀ maps: the TiedLinear's own bias_t
+# True while torch.fx symbolically traces (not under torch.export / compile, which see real tensors)
+is_fx_tracing = getattr(_symbolic_trace, 'is_fx_symbolic_tracing', _symbolic_trace.is_fx_tracing)
 
 
 class TiedLinear(nn.Module):
@@ -92,7 +95,7 @@ class TiedLinear(nn.Module):
         # is not a leaf and was cast again per call).
         y = x.reshape(-1, x.shape[-1])
         y = torch.mm(y, self.weight) if bias is None else torch.addmm(bias, y, self.weight)
-        return y.view(*x.shape[:-1], self.in_features)
+        return y.view(x.shape[:-1] + (self.in_features,))  # a Size sum, not unpacking: FX can trace it
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
@@ -104,9 +107,9 @@ class TiedLinear(nn.Module):
         # (B, out, H, W) -> (B, in, H, W). conv2d would copy the strided Wᵀ view to a contiguous
         # weight on every call (forward and backward); channels_last input is (B, H, W, out) in
         # memory, so a linear over its last dim applies Wᵀ with no copy and stays channels_last.
-        if x.is_contiguous(memory_format=torch.channels_last):
+        if not is_fx_tracing() and x.is_contiguous(memory_format=torch.channels_last):
             return self._apply_t(x.permute(0, 2, 3, 1), bias).permute(0, 3, 1, 2)
-        return F.conv2d(x, self.weight.t()[:, :, None, None], bias)
+        return F.conv2d(x, self.weight.t()[:, :, None, None], bias)  # also what an FX graph records
 
     def extra_repr(self) -> str:
         return (f'in_features={self.in_features}, out_features={self.out_features}, '
@@ -323,8 +326,8 @@ class PeAttention(nn.Module):
             self.scale_out = nn.Parameter(torch.ones(dim, **dd))  # on the output projection
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+        dev = None if is_fx_tracing() else x.device.type  # FX records the projections, not this cast
+        if dev is not None and torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
             # Three projections read x where timm's fused qkv reads it once; autocast would cast x
             # to bf16 for each of them. Cast once (the three input gradients then sum in bf16).
             x = x.to(torch.get_autocast_dtype(dev))

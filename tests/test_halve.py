@@ -317,3 +317,28 @@ def test_torch_compile_captures_the_tie_in_one_graph(name):
     halved(x).square().sum().backward()
     for n, p in halved.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16_224', 'pvt_v2_b0', 'swin_tiny_patch4_window7_224', 'convnext_atto',
+                                  'mixer_s16_224', 'resnet26'])
+def test_fx_trace_equals_eager(name):
+    from torch.fx import symbolic_trace
+    halved = halve(_dense(name))
+    x = _input(name)
+    torch.testing.assert_close(symbolic_trace(halved)(x), halved(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'use_scale': True}, {'attn_form': 'qk_vo'}, {'attn_form': 'vo'}])
+def test_pe_vit_fx_trace_equals_eager(kwargs):
+    from torch.fx import symbolic_trace
+    model = timm.create_model('vit_pe_micro_patch4_16', **kwargs).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(symbolic_trace(model)(x), model(x), rtol=0, atol=0)
+
+
+def test_models_build_on_the_meta_device():
+    for name in ('resnet26_pe_cifar', 'vit_pe_micro_patch4_16'):
+        with torch.device('meta'):
+            model = timm.create_model(name)
+        assert all(p.device.type == 'meta' for p in model.parameters())
+    assert count_params(model) == rowcol.pe_spec('vit_pe_micro_patch4_16').params

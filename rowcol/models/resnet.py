@@ -196,7 +196,8 @@ class ResNetPE(nn.Module):
         self.bn1 = _bn(stem_chs)
         self.act1 = nn.ReLU(inplace=True)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        n = sum(layers)  # drop-path rates in plain Python: a tensor would fail under torch.device('meta')
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         in_chs, reduction, self.feature_info = stem_chs, 4 if stem == '7x7' else 1, []
         for i, (depth, mid) in enumerate(zip(layers, widths)):
             stride = 1 if i == 0 else 2
