@@ -2,6 +2,7 @@
 import pytest
 import timm
 import torch
+from safetensors.torch import save_model
 import torch.nn as nn
 
 import rowcol
@@ -197,9 +198,20 @@ def test_unknown_model_suggests_names():
         create_model('vit_pe_smal_patch16_224')
 
 
-def test_pretrained_pe_is_refused():
-    with pytest.raises(ValueError, match='no pretrained'):
+def test_pretrained_needs_a_local_file_and_loads_it_the_timm_way(tmp_path):
+    with pytest.raises(ValueError, match='no pretrained weights; pass a local file'):
         create_model('resnet50_pe', pretrained=True)
+    for name in ('vit_pe_micro_patch4_16', 'resnet26_pe_cifar'):
+        torch.manual_seed(1)
+        model = create_model(name).eval()
+        path = tmp_path / f'{name}.safetensors'
+        save_model(model, str(path))
+        torch.manual_seed(2)
+        loaded = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+        x = torch.randn(2, 3, *model.pretrained_cfg['input_size'][1:])
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        head = create_model(name, pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(path)))
+        assert head(x).shape == (2, 5)  # timm drops the classifier of another size
 
 
 def test_ablation_kwargs():

@@ -18,7 +18,7 @@ import torch.nn as nn
 from rowcol.errors import ModelNameError
 
 __all__ = ['PeSpec', 'register_pe', 'pe_spec', 'pe_models', 'dense_twin', 'create_model', 'check_model_name',
-           'model_defaults']
+           'model_defaults', 'check_pretrained']
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,16 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Modu
             if 'img_size' not in str(e):
                 raise
     return timm.create_model(name, **kwargs)
+
+
+def check_pretrained(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """rowcol hosts no weights: ``pretrained=True`` needs a local file, given timm's way
+    (``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``)."""
+    if not pretrained:
+        return
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    cfg = kwargs.get('pretrained_cfg')
+    cfg_file = cfg.get('file') if isinstance(cfg, dict) else getattr(cfg, 'file', None)
+    if not (overlay.get('file') or cfg_file):
+        raise ValueError(f'{variant}: rowcol hosts no pretrained weights; pass a local file the timm way, '
+                         "pretrained_cfg_overlay=dict(file='model.safetensors'), or train one (rowcol train)")

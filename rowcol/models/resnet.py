@@ -38,7 +38,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import Bottleneck, downsample_conv
 
 from rowcol.layers import TiedLinear
-from rowcol.models._registry import dense_twin, register_pe
+from rowcol.models._registry import check_pretrained, dense_twin, register_pe
 
 __all__ = ['ResNetPE', 'PeStage', 'PeBottleneck']
 
@@ -275,9 +275,7 @@ class ResNetPE(nn.Module):
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNetPE:
-    if pretrained:
-        raise ValueError(f'{variant}: rowcol has no pretrained weights; train one (rowcol train) '
-                         'or load a run with --checkpoint')
+    check_pretrained(variant, pretrained, kwargs)
     model = build_model_with_cfg(ResNetPE, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
     model.dense_twin = dense_twin(variant)  # None for the dense models registered here
     return model

@@ -34,7 +34,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from rowcol.layers import PeMlp, pe_attention
-from rowcol.models._registry import dense_twin, register_pe
+from rowcol.models._registry import check_pretrained, dense_twin, register_pe
 
 __all__ = ['VisionTransformer']
 
@@ -46,9 +46,7 @@ _MLP_ACTS = {'gelu': nn.GELU, 'identity': nn.Identity, 'relu': nn.ReLU}
 def _create_vit(variant: str, pretrained: bool = False, pe: bool = True, attn_form: str = 'qo_kv',
                 mlp_act: str = 'gelu', tie_mlp: bool = True, use_scale: bool = False,
                 **kwargs) -> VisionTransformer:
-    if pretrained and pe:
-        raise ValueError(f'{variant}: rowcol has no pretrained ImageNet weights for PE models; '
-                         'train one (rowcol train) or load a run with --checkpoint')
+    check_pretrained(variant, pretrained, kwargs)
     if mlp_act not in _MLP_ACTS:
         raise ValueError(f"{variant}: unknown mlp_act '{mlp_act}', expected one of {sorted(_MLP_ACTS)}")
     if pe:
