@@ -30,6 +30,26 @@ def _small(name):
     return create_model(name, **kwargs), torch.randn(2, 3, size, size)
 
 
+@pytest.mark.parametrize('name', ROWCOL_MODELS)
+def test_fx_trace_and_torch_export_equal_eager(name):
+    from torch.fx import symbolic_trace
+    model, x = _small(name)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(symbolic_trace(model)(x), want, rtol=0, atol=0)
+        if name in ('vit_pe_micro_patch4_16', 'resnet26_pe_cifar', 'resnet50_pe'):  # each family, the slow part
+            torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['resnet50_pe', 'vit_pe_small_patch16_224'])
+def test_builds_on_the_meta_device(name):
+    with torch.device('meta'):
+        model = create_model(name)
+    assert all(p.device.type == 'meta' for p in model.parameters())
+    assert count_params(model) == pe_spec(name).params
+
+
 def test_registry_lists_pe_models():
     listed = set(timm.list_models('*_pe*'))
     assert set(PE) <= listed

@@ -37,7 +37,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import Bottleneck, downsample_conv
 
-from rowcol.layers import TiedLinear
+from rowcol.layers import TiedLinear, is_fx_tracing
 from rowcol.models._registry import check_pretrained, dense_twin, register_pe
 
 __all__ = ['ResNetPE', 'PeStage', 'PeBottleneck']
@@ -136,6 +136,8 @@ class PeStage(nn.Module):
         return x
 
     def _downsample(self, x: torch.Tensor) -> torch.Tensor:
+        if is_fx_tracing():  # an FX graph records the op itself; the fallback below is an execution detail
+            return self.downsample(x)
         if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') and torch.is_grad_enabled():
             # oneDNN's bf16 backward of this strided depthwise conv is several times slower than fp32
             # on CPU (docs/PERFORMANCE.md); it is a small op, so it runs in fp32 when a backward may
