@@ -130,11 +130,38 @@ def _is_image_name(name: str) -> bool:
 
 
 def _image_files(class_dir: Path) -> list[str]:
-    """Image files under ``class_dir`` (recursively), in torchvision ImageFolder order."""
+    """Image files under ``class_dir`` (recursively), in torchvision ImageFolder order.
+
+    The folders inside ``class_dir`` are scanned first; then each linked folder is followed
+    only if it leads to a folder inside ``class_dir`` that has not been scanned: a link out of
+    the class folder (``ln -s .. cat/loop``) would label other classes' images with this class,
+    a link back to a scanned folder would count images twice or loop. Skipped links are logged
+    as a warning.
+    """
+    top = os.path.realpath(class_dir)
+    seen: set[str] = set()
     found: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-        found.extend((dirpath, name) for name in filenames if _is_image_name(name))
+    links: list[str] = []
+
+    def scan(start: str) -> None:  # the real folders under start; links are only collected
+        for dirpath, dirnames, filenames in os.walk(start):
+            seen.add(os.path.realpath(dirpath))
+            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+            links.extend(sorted(p for p in (os.path.join(dirpath, d) for d in dirnames) if os.path.islink(p)))
+            found.extend((dirpath, name) for name in filenames if _is_image_name(name))
+
+    scan(str(class_dir))
+    skipped = []
+    for link in links:  # grows while links inside followed links are found
+        real = os.path.realpath(link)
+        if real in seen or not (real == top or real.startswith(top.rstrip(os.sep) + os.sep)):
+            skipped.append(f'{link} -> {real}')
+        else:
+            scan(link)
+    if skipped:
+        listed = '; '.join(skipped[:5]) + (' ...' if len(skipped) > 5 else '')
+        log.warning('%s: skipped %d linked folder(s) that lead out of the class folder or to a folder already '
+                    'scanned: %s', class_dir, len(skipped), listed)
     return [os.path.join(dirpath, name) for dirpath, name in sorted(found)]
 
 

@@ -287,6 +287,9 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
     train = _load_source(cfg.data, 'train', cfg, img_size, progress)
     if d.world > 1 and cfg.data in NAMED and d.main:
         barrier(d)
+    if len(train.classes) < 2:  # cross-entropy over one class is 0 from the first step: nothing to learn
+        raise DataError(f'{cfg.data}: one class ({train.classes[0]!r}); a classifier needs at least two class '
+                        'folders (<root>/<class>/<image>)')
     split, val = None, None
     if cfg.val_data:
         val = _load_source(cfg.val_data, eval_split(cfg.val_data), cfg, img_size, progress)

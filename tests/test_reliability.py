@@ -1,0 +1,73 @@
+"""Issue 17: symlink loops, run-directory locks and markers, divergence, model_kwargs, checksums, EMA."""
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rowcol.cli import main
+from rowcol.config import resolve_config
+from rowcol.data import scan_image_folder
+from rowcol.errors import DataError
+from rowcol.train import train
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = 'vit_pe_micro_patch4_16'
+
+
+def _cfg(**kw):
+    base = dict(model=MODEL, subset=64, batch_size=32, epochs=1, val_split=0.2, seed=3)
+    return resolve_config('digits', **{**base, **kw})
+
+
+def _images(folder: Path, n: int, channel: int = 0) -> None:
+    folder.mkdir(parents=True)
+    for j in range(n):
+        img = np.full((16, 16, 3), 40, dtype=np.uint8)
+        img[..., channel] = 200
+        Image.fromarray(img).save(folder / f'{j:03d}.png')
+
+
+# ---------------------------------------------------------------------------- 1. symlinks
+
+def test_links_out_of_a_class_folder_or_back_into_it_are_not_followed(tmp_path, caplog):
+    root = tmp_path / 'L'
+    _images(root / 'cat', 20)
+    _images(root / 'dog', 20, channel=1)
+    os.symlink('..', root / 'cat' / 'loop')  # the dataset root: every class, again and again
+    _images(root / 'dog' / 'pups', 3, channel=1)
+    os.symlink('pups', root / 'dog' / 'again')  # a folder already scanned
+    with caplog.at_level(logging.WARNING, logger='rowcol.data'):
+        samples = scan_image_folder(root)
+    assert samples.labels.count(0) == 20 and samples.labels.count(1) == 23
+    assert not any('loop' in p or 'again' in p for p in samples.paths)
+    assert 'loop' in caplog.text and 'again' in caplog.text
+
+
+def test_a_link_is_followed_only_to_a_new_folder_inside_its_class_folder(tmp_path, caplog):
+    root = tmp_path / 'L'
+    _images(root / 'a', 4)
+    _images(root / 'b', 4, channel=1)
+    _images(tmp_path / 'kept' / 'x', 2)
+    os.symlink(tmp_path / 'kept', root / 'b' / 'extra')  # outside the class folder
+    os.symlink('../a', root / 'b' / 'as')  # another class
+    (root / 'a' / 'more').mkdir()
+    _images(root / 'a' / 'more' / 'deep', 2)
+    os.symlink('more/deep', root / 'a' / 'shortcut')  # inside, but reached twice: once only
+    with caplog.at_level(logging.WARNING, logger='rowcol.data'):
+        samples = scan_image_folder(root)
+    assert samples.labels.count(0) == 6 and samples.labels.count(1) == 4
+    assert 'extra' in caplog.text and 'b/as' in caplog.text and 'shortcut' in caplog.text
+
+
+# ---------------------------------------------------------------------------- 7. smaller
+
+def test_a_single_class_dataset_is_refused(tmp_path, capsys):
+    _images(tmp_path / 'one' / 'cat', 8)
+    with pytest.raises(DataError, match='one class'):
+        train(_cfg(data=str(tmp_path / 'one'), subset=None, batch_size=4, val_split=None), tmp_path / 'r',
+              progress=False)
+    assert main(['train', '--model', MODEL, '--data', str(tmp_path / 'one'), '--output', str(tmp_path / 'r'),
+                 '--quiet']) == 2
+    assert 'one class' in capsys.readouterr().err
