@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from rowcol.errors import CheckpointError
+from rowcol.errors import CheckpointError, ConfigError
 
 __all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights',
            'save_state', 'load_state', 'load_run', 'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG']
@@ -133,6 +133,7 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
 
     Returns the model in eval mode and the run's config dict.
     """
+    from rowcol.config import check_model_kwargs
     from rowcol.models import create_model
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -145,8 +146,10 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
     if not isinstance(config, dict) or not isinstance(config.get('model'), str):
         raise CheckpointError(f"{cfg_path}: needs a string 'model' key")
     kwargs = config.get('model_kwargs') or {}
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{cfg_path}: 'model_kwargs' must be an object")
+    try:
+        check_model_kwargs(kwargs, f"{cfg_path}: 'model_kwargs'")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     if config.get('num_classes') is not None:
         kwargs = {**kwargs, 'num_classes': int(config['num_classes'])}
     try:
@@ -154,7 +157,7 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
         if config.get('halve'):
             from rowcol.halve import halve
             halve(model, attn=config.get('halve_attn', 'qo_kv'), use_scale=bool(config.get('halve_scale')))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot build {config['model']} ({e})") from None
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot build {config['model']} ({_first_line(e)})") from None
     load_weights(model, run_dir / files[which])
     return model.eval(), config

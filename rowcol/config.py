@@ -17,7 +17,34 @@ from typing import Any, Callable, Optional
 
 from rowcol.errors import ConfigError
 
-__all__ = ['TrainConfig', 'RECIPES', 'FIELD_HELP', 'RESUMABLE', 'resolve_config', 'config_from_dict']
+__all__ = ['TrainConfig', 'RECIPES', 'FIELD_HELP', 'RESUMABLE', 'MODEL_KWARGS', 'check_model_kwargs', 'resolve_config',
+           'config_from_dict']
+
+# The only keys --model-kwargs (a run's ``model_kwargs``) may hold. timm.create_model takes any
+# keyword, among them checkpoint_path (torch.load of any file), pretrained, pretrained_cfg,
+# pretrained_cfg_overlay, pretrained_strict and features_only: a config.json must not reach those.
+# So: the arguments rowcol documents, plus timm options that only shape the network. The one list;
+# TrainConfig.validate and checkpoint.load_run both check it.
+MODEL_KWARGS = frozenset({
+    # ViT-PE ablations (rowcol/models/vit.py, README)
+    'attn_form', 'mlp_act', 'tie_mlp', 'use_scale',
+    # ResNet and ResNet-PE (rowcol/models/resnet.py: ResNetPE.__init__)
+    'layers', 'widths', 'pe_stages', 'tie', 'stem', 'zero_init_last',
+    # ViT sizes (docs/RESULTS.md runs) and timm's VisionTransformer options that only shape it
+    'embed_dim', 'num_heads', 'depth', 'mlp_ratio', 'patch_size', 'img_size', 'qkv_bias', 'qk_norm',
+    'class_token', 'global_pool', 'fc_norm', 'no_embed_class', 'reg_tokens', 'init_values',
+    'drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate',
+})
+
+
+def check_model_kwargs(kwargs: Any, where: str = 'model_kwargs') -> None:
+    """:class:`ConfigError` naming any key of ``kwargs`` that is not in :data:`MODEL_KWARGS`."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f'{where} must be a JSON object, got {type(kwargs).__name__}')
+    refused = sorted(k for k in kwargs if k not in MODEL_KWARGS)
+    if refused:
+        raise ConfigError(f"{where}: {', '.join(repr(k) for k in refused)} not accepted; rowcol passes only these "
+                          f"model arguments: {', '.join(sorted(MODEL_KWARGS))}")
 
 
 @dataclass
@@ -101,7 +128,6 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 0, 'max_steps must be >= 0 (0: no limit)'),
             (self.save_every_steps >= 0, 'save_every_steps must be >= 0'),
             (self.warmup_epochs >= 0 and self.weight_decay >= 0, 'warmup_epochs and weight_decay must be >= 0'),
-            (isinstance(self.model_kwargs, dict), 'model_kwargs must be a JSON object'),
             (self.halve_attn in ('qo_kv', 'qk_vo', 'vo', 'dense'),
              f"halve_attn must be qo_kv, qk_vo, vo or dense, got '{self.halve_attn}'"),
             (self.halve or not (self.halve_scale or self.init_from), '--halve-scale and --init-from need --halve'),
@@ -110,6 +136,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        check_model_kwargs(self.model_kwargs, '--model-kwargs')
         return self
 
 
@@ -147,7 +174,8 @@ FIELD_HELP = {
     'max_nonfinite': 'abort after this many non-finite losses in a row',
     'save_every_steps': 'also write a resumable checkpoint every N steps',
     'max_steps': 'stop after N steps in total, with a resumable checkpoint (0: no limit, e.g. to finish a stopped run)',
-    'model_kwargs': 'extra model arguments as JSON, e.g. \'{"attn_form": "vo"}\'',
+    'model_kwargs': 'extra model arguments as JSON, e.g. \'{"attn_form": "vo"}\' (only those in '
+                    'rowcol.config.MODEL_KWARGS)',
     'halve': 'tie the layer pairs of --model (any timm model) with rowcol.halve',
     'halve_attn': 'attention form for --halve: qo_kv (the authors\'), qk_vo, vo, or dense (untied)',
     'halve_scale': 'per-use channel scales in the halved MLPs and attentions',

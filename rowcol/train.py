@@ -289,7 +289,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     try:
         model = create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
                              drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:  # timm asserts on bad sizes
         raise ConfigError(f'--model {cfg.model} with --model-kwargs {json.dumps(cfg.model_kwargs)}: {e}') from None
     if cfg.halve and not cfg.init_from:
         halve(model, attn=cfg.halve_attn, init='scratch', use_scale=cfg.halve_scale)

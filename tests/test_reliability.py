@@ -1,16 +1,19 @@
 """Issue 17: symlink loops, run-directory locks and markers, divergence, model_kwargs, checksums, EMA."""
+import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from rowcol import checkpoint as ckpt
 from rowcol.cli import main
 from rowcol.config import resolve_config
 from rowcol.data import scan_image_folder
-from rowcol.errors import DataError
+from rowcol.errors import CheckpointError, ConfigError, DataError
 from rowcol.train import train
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_pe_micro_patch4_16'
@@ -59,6 +62,38 @@ def test_a_link_is_followed_only_to_a_new_folder_inside_its_class_folder(tmp_pat
         samples = scan_image_folder(root)
     assert samples.labels.count(0) == 6 and samples.labels.count(1) == 4
     assert 'extra' in caplog.text and 'b/as' in caplog.text and 'shortcut' in caplog.text
+
+
+# ---------------------------------------------------------------------------- 6. model_kwargs
+
+@pytest.mark.parametrize('key', ['checkpoint_path', 'pretrained', 'pretrained_cfg_overlay', 'features_only'])
+def test_model_kwargs_outside_the_documented_list_are_refused(key):
+    with pytest.raises(ConfigError, match=key):
+        resolve_config('digits', model=MODEL, model_kwargs={key: 'evil.pth'})
+
+
+def test_a_run_config_with_checkpoint_path_is_refused_by_eval(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    train(_cfg(max_steps=1), out, progress=False)
+    config = json.loads((out / 'config.json').read_text())
+    config['model_kwargs'] = {'checkpoint_path': str(tmp_path / 'evil.pth')}
+    (out / 'config.json').write_text(json.dumps(config))
+    monkeypatch.setattr(torch, 'load', lambda *a, **k: pytest.fail('torch.load reached'))
+    with pytest.raises(CheckpointError, match='checkpoint_path'):
+        ckpt.load_run(out)
+    assert main(['eval', '--checkpoint', str(out), '--data', 'digits']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('rowcol eval: error: ') and 'checkpoint_path' in err and 'Traceback' not in err
+    assert main(['train', '--model', MODEL, '--model-kwargs', '{"pretrained": true}', '--output',
+                 str(tmp_path / 'r2'), '--quiet']) == 2
+    assert 'pretrained' in capsys.readouterr().err
+
+
+def test_documented_model_kwargs_still_build(tmp_path):
+    cfg = _cfg(max_steps=1, model_kwargs={'depth': 2, 'attn_form': 'vo', 'use_scale': True})
+    train(cfg, tmp_path / 'run', progress=False)
+    model, _ = ckpt.load_run(tmp_path / 'run')
+    assert len(model.blocks) == 2
 
 
 # ---------------------------------------------------------------------------- 7. smaller
