@@ -13,10 +13,12 @@ A run directory holds::
     curves.png             loss / accuracy curves
 
 Every file is written to a temporary name in the same directory and renamed into place,
-so a kill at any instant leaves the previous checkpoint loadable.
+so a kill at any instant leaves the previous checkpoint loadable. Each weights file carries a
+sha256 of its tensors in its header, checked on every load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,12 +27,12 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from rowcol.errors import CheckpointError, ConfigError
 
-__all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights',
+__all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights', 'weights_digest',
            'save_state', 'load_state', 'load_run', 'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG']
 
 CONFIG = 'config.json'
@@ -86,17 +88,39 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f'{path}: not valid JSON ({e})') from None
 
 
+DIGEST_KEY = 'rowcol_sha256'
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of ``model``'s state dict (names, dtypes, shapes, bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()  # channels_last or not, the same bytes
+        h.update(f'{name} {t.dtype} {tuple(t.shape)}\n'.encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """safetensors file of ``model``'s state; ``save_model`` keeps one copy of any shared tensor."""
+    """safetensors file of ``model``'s state; ``save_model`` keeps one copy of any shared tensor.
+
+    The header's metadata carries :func:`weights_digest`, so the checksum is renamed into place
+    with the tensors it describes (a separate checksum file could not be).
+    """
+    metadata = {**(metadata or {}), DIGEST_KEY: weights_digest(model)}
     atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Strict load; a file that does not fit the model is a ``CheckpointError`` naming the keys."""
+    """Strict load, checked against the file's checksum; a file that does not fit the model or
+    does not match its checksum is a ``CheckpointError``. Files without a checksum (written by
+    rowcol before checksums, or by other tools) load unchecked."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: weights file not found')
     try:
+        with safe_open(path, 'pt') as f:
+            expected = (f.metadata() or {}).get(DIGEST_KEY)
         missing, unexpected = load_model(model, path, strict=False)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from None
@@ -105,6 +129,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or unexpected:
         raise CheckpointError(f'{path}: does not fit the model: missing keys {sorted(missing)[:5]}, '
                               f'unexpected keys {sorted(unexpected)[:5]}')
+    if expected is not None and weights_digest(model) != expected:
+        raise CheckpointError(f'{path}: the weights do not match the checksum stored with them; the file is '
+                              'corrupt (changed bytes), use another copy of it')
     return model
 
 

@@ -106,3 +106,17 @@ def test_a_single_class_dataset_is_refused(tmp_path, capsys):
     assert main(['train', '--model', MODEL, '--data', str(tmp_path / 'one'), '--output', str(tmp_path / 'r'),
                  '--quiet']) == 2
     assert 'one class' in capsys.readouterr().err
+
+
+def test_a_weights_file_with_a_flipped_byte_is_refused(tmp_path, capsys):
+    out = tmp_path / 'run'
+    train(_cfg(max_steps=1), out, progress=False)
+    assert ckpt.load_run(out)  # intact: loads
+    path = out / ckpt.WEIGHTS
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # in the last tensor's data, not the header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match='checksum'):
+        ckpt.load_run(out)
+    assert main(['eval', '--checkpoint', str(out), '--data', 'digits', '--json']) == 2
+    assert 'checksum' in capsys.readouterr().err
