@@ -181,7 +181,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
             else:
                 optimizer.step()
             if ema is not None:
-                ema.update(model, step=state['step'])
+                ema.update(model, step=state['step'] + 1)  # updates so far, this one included: only the first copies
             state['nonfinite'] = 0
             state['loss_sum'] += loss_sum
             state['count'] += n

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from rowcol import checkpoint as ckpt
 from rowcol.cli import main
@@ -106,6 +107,17 @@ def test_a_single_class_dataset_is_refused(tmp_path, capsys):
     assert main(['train', '--model', MODEL, '--data', str(tmp_path / 'one'), '--output', str(tmp_path / 'r'),
                  '--quiet']) == 2
     assert 'one class' in capsys.readouterr().err
+
+
+def test_ema_copies_the_weights_on_the_first_update_only(tmp_path):
+    train(_cfg(epochs=2, max_steps=1, ema_decay=0.9), tmp_path / 'one', progress=False)
+    train(_cfg(epochs=2, max_steps=2, ema_decay=0.9), tmp_path / 'two', progress=False)
+    w1, ema1 = load_file(tmp_path / 'one' / ckpt.WEIGHTS), load_file(tmp_path / 'one' / ckpt.EMA)
+    w2, ema2 = load_file(tmp_path / 'two' / ckpt.WEIGHTS), load_file(tmp_path / 'two' / ckpt.EMA)
+    assert all(torch.equal(w1[k], ema1[k]) for k in w1)  # update 1 copies
+    for k in w2:  # update 2 averages: 0.9 of the copy, 0.1 of the new weights
+        torch.testing.assert_close(ema2[k], 0.9 * w1[k] + 0.1 * w2[k])
+    assert any(not torch.equal(w2[k], ema2[k]) for k in w2)
 
 
 def test_a_weights_file_with_a_flipped_byte_is_refused(tmp_path, capsys):
