@@ -2,6 +2,8 @@
 
 A run directory holds::
 
+    rowcol_run.json        marks the folder as a rowcol run: only such a folder is replaced by --overwrite
+    .rowcol.lock           held (flock) by the process writing the run; holds its pid
     config.json            the resolved TrainConfig (plus classes)
     model.safetensors      last weights; every shared W stored once, loads with strict=True
     model_best.safetensors weights of the best validation top-1 so far
@@ -13,14 +15,16 @@ A run directory holds::
     curves.png             loss / accuracy curves
 
 Every file is written to a temporary name in the same directory and renamed into place,
-so a kill at any instant leaves the previous checkpoint loadable. Each weights file carries a
-sha256 of its tensors in its header, checked on every load.
+so a kill at any instant leaves the previous checkpoint loadable; the training loop writes
+``train_state.pt`` last, so a checkpoint counts only once all its files are in place. Each
+weights file carries a sha256 of its tensors in its header, checked on every load.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,11 +34,14 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from rowcol.errors import CheckpointError, ConfigError
+from rowcol.errors import CheckpointError, ConfigError, RunLockedError
 
 __all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights', 'weights_digest',
-           'save_state', 'load_state', 'load_run', 'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG']
+           'save_state', 'load_state', 'load_run', 'RunLock', 'mark_run', 'is_run_dir', 'remove_leftovers',
+           'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG', 'MARKER', 'LOCK']
 
+MARKER = 'rowcol_run.json'
+LOCK = '.rowcol.lock'
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
 BEST = 'model_best.safetensors'
@@ -188,3 +195,92 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
         raise CheckpointError(f"{cfg_path}: cannot build {config['model']} ({_first_line(e)})") from None
     load_weights(model, run_dir / files[which])
     return model.eval(), config
+
+
+# ---------------------------------------------------------------------------- run directories
+
+def mark_run(run_dir: str | Path, version: str) -> None:
+    """Mark ``run_dir`` as a rowcol run directory (the first file a run writes)."""
+    if not (Path(run_dir) / MARKER).is_file():
+        write_json(Path(run_dir) / MARKER, {'rowcol_run': 1, 'rowcol_version': version})
+
+
+def is_run_dir(run_dir: str | Path) -> bool:
+    """Whether rowcol marked ``run_dir`` as a run; runs made before the marker are known by their
+    ``config.json`` (with the ``model``, ``classes`` and ``rowcol_version`` keys rowcol writes)."""
+    run_dir = Path(run_dir)
+    if (run_dir / MARKER).is_file():
+        return True
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {'model', 'classes', 'rowcol_version'} <= set(config)
+
+
+def remove_leftovers(run_dir: str | Path, names: tuple[str, ...]) -> list[str]:
+    """Delete the temporary files (``.<name>.*.tmp``) that a killed :func:`atomic_write` of one
+    of ``names`` left in ``run_dir``; returns their names. Call only while holding the run's lock."""
+    removed = []
+    for path in sorted(Path(run_dir).glob('.*.tmp')):
+        if any(path.name.startswith(f'.{name}.') for name in names):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run_dir/.rowcol.lock`` while one process writes the run.
+
+    The file holds the holder's pid and host. The kernel drops the lock when its process dies,
+    however it dies; a pid left in the file by such a process makes the lock stale, and
+    :meth:`acquire` takes it over and returns that pid's line so the caller can say so.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock, or raise :class:`RunLockedError` naming the holder; returns the stale
+        holder's line (``pid N on HOST``) when one was taken over, else None."""
+        import fcntl
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd) or 'a process that has not written its pid yet'
+            os.close(fd)
+            raise RunLockedError(f'{self.run_dir} is in use: another rowcol process ({holder}) is training into it; '
+                                 'wait for it to end, or stop it first') from None
+        except OSError:  # a file system without flock: run unlocked rather than not at all
+            os.close(fd)
+            return None
+        stale = _lock_holder(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}\n'.encode(), 0)
+        self.fd = fd
+        return stale
+
+    def release(self) -> None:
+        """Empty the file (a later start finds no stale pid) and drop the lock."""
+        if self.fd is None:
+            return
+        import fcntl
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> 'RunLock':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> Optional[str]:
+    text = os.pread(fd, 200, 0).decode(errors='replace').strip()
+    return text or None

@@ -172,7 +172,7 @@ FIELD_HELP = {
     'grad_checkpointing': 'non-reentrant activation checkpointing', 'device': 'cpu | cuda (default: cuda if present)',
     'seed': 'seed of the run (init, data order, augmentation, --subset); the split has --split-seed',
     'max_nonfinite': 'abort after this many non-finite losses in a row',
-    'save_every_steps': 'also write a resumable checkpoint every N steps',
+    'save_every_steps': 'also write a resumable checkpoint every N steps (at the next step, once its loss is finite)',
     'max_steps': 'stop after N steps in total, with a resumable checkpoint (0: no limit, e.g. to finish a stopped run)',
     'model_kwargs': 'extra model arguments as JSON, e.g. \'{"attn_form": "vo"}\' (only those in '
                     'rowcol.config.MODEL_KWARGS)',

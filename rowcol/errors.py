@@ -38,6 +38,10 @@ class RunExistsError(RowcolError):
     """--output points at an existing run and neither --resume nor --overwrite was given."""
 
 
+class RunLockedError(RowcolError):
+    """Another process holds the run directory's lock (it is training into it)."""
+
+
 class NonFiniteLossError(RowcolError):
     """Too many non-finite losses in a row; the last good checkpoint is left intact."""
 

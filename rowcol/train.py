@@ -4,17 +4,24 @@
 Parameter, so each shared W, sits in exactly one group), scheduler (timm, stepped per update),
 optional EMA (timm ``ModelEmaV3`` over parameters, so a shared W is averaged once), and runs
 ``train_one_epoch`` / ``evaluate`` per epoch. Under ``torchrun`` it uses DDP (gloo on CPU,
-nccl on GPU) with metrics all-reduced and only rank 0 writing. Checkpoints are atomic
-(see :mod:`rowcol.checkpoint`); SIGTERM / Ctrl-C finish the current step, write a resumable
-checkpoint and stop. A non-finite loss skips the step on every rank; ``max_nonfinite`` in a
-row raise :class:`~rowcol.errors.NonFiniteLossError` with the last good checkpoint intact.
+nccl on GPU) with metrics all-reduced and only rank 0 writing, under the run directory's lock.
+Checkpoints are atomic file by file, with ``train_state.pt`` written last (see
+:mod:`rowcol.checkpoint`), so a resume starts from the last whole checkpoint and redoes the rest;
+SIGTERM / Ctrl-C finish the current step, write a resumable checkpoint and stop. A non-finite
+loss or gradient skips the step on every rank, and no checkpoint takes weights that have not
+given a finite loss; ``max_nonfinite`` in a row raise :class:`~rowcol.errors.NonFiniteLossError`
+with the last good checkpoint intact and the commands that resume or restart the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import shlex
 import signal
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,7 +40,7 @@ from tqdm import tqdm
 
 import rowcol
 from rowcol import checkpoint as ckpt
-from rowcol.config import RESUMABLE, TrainConfig, config_from_dict
+from rowcol.config import RESUMABLE, TrainConfig, config_from_dict, resolve_config
 from rowcol.data import save_split
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
 from rowcol.halve import halve
@@ -42,10 +49,10 @@ from rowcol.pipeline import NAMED, build_data, data_fingerprint, seed_step_rngs
 from rowcol.runtime import Dist, all_reduce_sum, autocast, barrier, init_distributed
 
 __all__ = ['train', 'run_train', 'train_one_epoch', 'evaluate', 'TrainResult', 'Stop', 'load_run_config',
-           'resume_config', 'plot_curves', 'read_metrics']
+           'resume_config', 'plot_curves', 'read_metrics', 'train_command', 'check_run_dir']
 
-RUN_FILES = (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST, ckpt.EMA, ckpt.STATE, 'split.json', 'metrics.jsonl', 'curves.png',
-             'skipped_images.json')
+RUN_FILES = (ckpt.MARKER, ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST, ckpt.EMA, ckpt.STATE, 'split.json', 'metrics.jsonl',
+             'curves.png', 'skipped_images.json')
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -75,21 +82,66 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
+def _holds_files(output: Path) -> bool:
+    """Whether ``output`` holds anything besides a run lock and the temp files of killed writes."""
+    if not output.exists():
+        return False
+    if not output.is_dir():
+        raise RunExistsError(f'{output} is a file, not a folder; pass another --output')
+    leftovers = tuple(f'.{name}.' for name in RUN_FILES)
+    return any(p.name != ckpt.LOCK and not (p.name.endswith('.tmp') and p.name.startswith(leftovers))
+               for p in output.iterdir())
+
+
 def check_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start over an existing run, or to resume a directory without one (reads only)."""
+    """Refuse to start over an existing run or into a folder that is not a run, or to resume a
+    directory without a checkpoint (reads only). Paths in suggested commands are shell-quoted."""
+    q = shlex.quote(str(output))
     if resume:
-        if not (output / ckpt.STATE).is_file():
-            raise CheckpointError(f'{output}: nothing to resume (no {ckpt.STATE})')
-    elif output.exists() and any(output.iterdir()) and not overwrite:
-        raise RunExistsError(f'{output} already holds a run; pass --resume {output} to continue it '
+        if (output / ckpt.STATE).is_file():
+            return
+        if ckpt.is_run_dir(output):
+            raise CheckpointError(f'{output}: nothing to resume: the run stopped before its first checkpoint '
+                                  f'(no {ckpt.STATE}); start it again with the command that made it and --overwrite')
+        raise CheckpointError(f'{output}: nothing to resume (no {ckpt.STATE})')
+    if not _holds_files(output):
+        return
+    if not ckpt.is_run_dir(output):
+        raise RunExistsError(f'{output} is a folder with other files in it, not a rowcol run directory, so neither '
+                             'a new run nor --overwrite may write there; pass a new or empty --output')
+    if overwrite:
+        return
+    if (output / ckpt.STATE).is_file():
+        raise RunExistsError(f'{output} already holds a run; pass --resume {q} to continue it '
                              f'or --overwrite to replace it')
+    raise RunExistsError(f'{output} holds a run that stopped before its first checkpoint (nothing to resume); '
+                         'pass --overwrite to start it again')
 
 
 def clear_run_dir(output: Path) -> None:
-    """Remove rowcol's files from ``output`` (for --overwrite); other files there are kept."""
+    """Remove rowcol's files from the run directory ``output`` (for --overwrite); other files there are kept."""
     output.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         (output / name).unlink(missing_ok=True)
+
+
+def _lock_run(output: Path, resume: bool, overwrite: bool) -> ckpt.RunLock:
+    """Hold ``output``'s lock, then check it again (no other process writes it now) and remove
+    the temporary files a killed run left."""
+    lock = ckpt.RunLock(output)
+    stale = lock.acquire()
+    try:
+        if stale:
+            print(f'{output}: took over the lock left by {stale}, which is no longer running', file=sys.stderr)
+        check_run_dir(output, resume, overwrite)
+        removed = ckpt.remove_leftovers(output, RUN_FILES)
+        if removed:
+            print(f'{output}: removed {len(removed)} temporary file(s) of an interrupted write: {", ".join(removed)}',
+                  file=sys.stderr)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -116,11 +168,12 @@ def run_train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwr
               progress: bool = True) -> int:
     """``train`` for the command line: a message and an exit code for each way a run ends."""
     result = train(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
+    q = shlex.quote(str(result.run_dir))
     if result.status == 'interrupted':
-        print(f'interrupted: checkpoint written; continue with: rowcol train --resume {result.run_dir}')
+        print(f'interrupted: checkpoint written; continue with: rowcol train --resume {q}')
         return 128 + (Stop.signum or signal.SIGINT)
     if result.status == 'stopped':
-        print(f'stopped after {cfg.max_steps} steps; continue with: rowcol train --resume {result.run_dir} '
+        print(f'stopped after {cfg.max_steps} steps; continue with: rowcol train --resume {q} '
               '--max-steps 0 (no limit) or a larger N')
     else:
         print(f'finished: {result.run_dir}')
@@ -133,18 +186,42 @@ def compute_loss(criterion: nn.Module, output: torch.Tensor, target: torch.Tenso
     return criterion(output.float(), target)
 
 
+def _update(model: nn.Module, loss: torch.Tensor, optimizer, scaler, cfg: TrainConfig) -> bool:
+    """Backward and optimizer step; False, with the weights untouched, if the gradient is not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # GradScaler skips a non-finite step itself and lowers its scale
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        return True
+    loss.backward()
+    # the norm of all gradients (DDP has averaged them: every rank decides alike); max_norm inf scales by 1.0
+    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
+    if not torch.isfinite(norm):
+        return False
+    optimizer.step()
+    return True
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainConfig, state: dict,
                     device: torch.device, d: Dist, ema=None, mixup=None, erasing=None, scaler=None,
                     save=lambda state: None, progress: bool = True, teacher=None) -> dict:
     """One epoch from ``state['batch']``; ``state`` (epoch, batch, step, sums) is updated in place.
 
-    Stops early, after saving, when a signal arrived on any process or at ``cfg.max_steps``.
+    A step whose loss or gradient is not finite is skipped. Checkpoints hold only weights that
+    gave a finite loss: one due every ``cfg.save_every_steps`` is written at the next step, once
+    its forward pass is finite, and dropped otherwise. Stops early, after saving, when a signal
+    arrived on any process or at ``cfg.max_steps``.
     """
     model.train()
     epoch = state['epoch']
     bar = tqdm(total=len(loader), initial=state['batch'], desc=f'epoch {epoch + 1}/{cfg.epochs}',
                disable=not (progress and d.main), unit='batch', dynamic_ncols=True)
     t0 = time.perf_counter()
+    due = False  # a checkpoint of the current weights, waiting for their loss on the next batch
     for x, y in loader.batches(epoch, state['batch']):
         seed_step_rngs(cfg.seed, epoch, state['batch'], d.rank)  # dropout, drop-path, mixup, erasing
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -166,20 +243,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
         bad, stop, loss_sum, n = all_reduce_sum(
             [float(not torch.isfinite(loss)), float(Stop.signum is not None), loss_value * len(x), float(len(x))],
             d, device)
-        if bad == 0:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+        if due and bad == 0:  # state still describes the weights before this step
+            state['seconds'] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save(state)
+        due = False
+        if bad == 0 and _update(model, loss, optimizer, scaler, cfg):
             if ema is not None:
                 ema.update(model, step=state['step'] + 1)  # updates so far, this one included: only the first copies
             state['nonfinite'] = 0
@@ -190,8 +259,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
             if state['nonfinite'] >= cfg.max_nonfinite:
                 bar.close()
                 raise NonFiniteLossError(
-                    f'{state["nonfinite"]} non-finite losses in a row (epoch {epoch + 1}, batch {state["batch"]}); '
-                    'stopped without saving, the last good checkpoint is intact; try a lower --lr or --clip-grad')
+                    f'{state["nonfinite"]} non-finite losses in a row (a loss or its gradient was inf or NaN; '
+                    f'epoch {epoch + 1}, batch {state["batch"]})')
         state['step'] += 1
         state['batch'] += 1
         scheduler.step_update(num_updates=state['step'])
@@ -201,13 +270,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg: TrainCo
         bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
                         img_s=f'{state["count"] / max(elapsed, 1e-9):.0f}')
         reason = 'signal' if stop > 0 else 'max_steps' if _at_max_steps(cfg, state) else None
-        if reason or (cfg.save_every_steps and state['step'] % cfg.save_every_steps == 0):
+        if reason:
             state['seconds'] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            save(state)
-            if reason:
-                state['stopped'] = reason
-                break
+            if state['nonfinite'] == 0:  # never the weights that just gave a non-finite loss
+                save(state)
+            state['stopped'] = reason
+            break
+        due = bool(cfg.save_every_steps) and state['step'] % cfg.save_every_steps == 0 and state['nonfinite'] == 0
     state['seconds'] += time.perf_counter() - t0
     bar.close()
     return state
@@ -366,12 +436,60 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     """Train ``cfg`` into the run directory ``output`` (or continue it with ``resume``).
 
     Everything that can fail on user input (device, data, model arguments, optimizer,
-    schedule) is checked before the run directory is touched.
+    schedule) is checked before the run directory is touched; then the process that writes
+    (rank 0) holds the directory's lock until it returns.
     """
     output = Path(output)
     cfg.data, cfg.val_data = _absolute(cfg.data), _absolute(cfg.val_data)
     cfg.init_from, cfg.teacher = _absolute(cfg.init_from), _absolute(cfg.teacher)
-    check_run_dir(output, resume, overwrite)  # every rank raises alike
+    restart_cfg = dataclasses.replace(cfg)  # as given, for the restart command of a diverged run
+    with ExitStack() as held:  # the run's lock, taken inside once the inputs are checked
+        try:
+            return _train(cfg, output, resume, overwrite, progress, held)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f'{e}; {_way_forward(restart_cfg, output)}') from None
+
+
+def _way_forward(cfg: TrainConfig, output: Path) -> str:
+    """The commands that go on after a divergence: resume the last checkpoint, or start again."""
+    restart = train_command(cfg, output, lr=float(f'{cfg.scaled_lr() / 2:.3g}'))
+    if not (output / ckpt.STATE).is_file():
+        return (f'no checkpoint was written, so there is nothing to resume; start again with a lower learning rate: '
+                f'{restart} (or with --clip-grad 1 in place of --lr)')
+    return (f'the last good checkpoint is intact; continue from it, skipping more bad steps, with: rowcol train '
+            f'--resume {shlex.quote(str(output))} --max-nonfinite {4 * cfg.max_nonfinite} (the same batches follow), '
+            f'or start again with a lower learning rate: {restart}')
+
+
+def train_command(cfg: TrainConfig, output: Path, **changes) -> str:
+    """The ``rowcol train ... --overwrite`` command line that starts ``cfg`` (with ``changes``) in
+    ``output`` again; flags only for the values that differ from its recipe, shell-quoted."""
+    recipe = resolve_config(cfg.recipe)
+    args = ['rowcol', 'train', '--recipe', cfg.recipe]
+    for f in dataclasses.fields(cfg):
+        value = changes.get(f.name, getattr(cfg, f.name))
+        if f.name == 'recipe' or value is None or (f.name not in changes and value == getattr(recipe, f.name)):
+            continue
+        flag = '--' + f.name.replace('_', '-')
+        if isinstance(value, bool):
+            args.append(flag if value else f'--no-{flag[2:]}')
+        else:
+            args += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return shlex.join(args + ['--output', str(output), '--overwrite'])
+
+
+def _finite(model: nn.Module) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+def _write_metrics(output: Path, rows: list[dict]) -> None:
+    ckpt.atomic_write(output / 'metrics.jsonl',
+                      lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in rows)))
+
+
+def _train(cfg: TrainConfig, output: Path, resume: bool, overwrite: bool, progress: bool,
+           held: ExitStack) -> TrainResult:
+    check_run_dir(output, resume, overwrite)  # every rank raises alike; again under the lock
     d, device = init_distributed(cfg.device)
     if cfg.amp == 'fp16' and device.type != 'cuda':
         raise ConfigError('--amp fp16 needs a CUDA device; use --amp bf16 on CPU')
@@ -414,7 +532,11 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
     if cfg.reprob > 0 and data.in_memory:
         erasing = RandomErasing(cfg.reprob, mode='pixel', device=str(device))
 
+    if d.main:  # rank 0 writes, rank 0 locks
+        held.enter_context(_lock_run(output, resume, overwrite))
+
     state = dict(epoch=0, batch=0, step=0, best_top1=-1., nonfinite=0, loss_sum=0., count=0., seconds=0.)
+    rows: list[dict] = []
     if resume:
         saved = ckpt.load_state(output / ckpt.STATE)
         try:
@@ -429,6 +551,12 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
         state.update(saved['loop'])
         # the schedule is rebuilt from the (possibly extended) config, then moved to the step reached
         scheduler.step_update(num_updates=state['step'])
+        # rows of epochs the checkpoint does not hold were written by a checkpoint that never completed
+        rows = read_metrics(output)
+        if any(r['epoch'] > state['epoch'] for r in rows):
+            rows = [r for r in rows if r['epoch'] <= state['epoch']]
+            if d.main:
+                _write_metrics(output, rows)
     state['losses'] = []
 
     train_model = model
@@ -440,20 +568,32 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
 
     meta = {'model': cfg.model, 'num_classes': str(num_classes)}
 
-    def save(st: dict) -> None:
+    def save(st: dict, epoch_rows: Optional[list[dict]] = None, best: bool = False) -> None:
+        """One checkpoint: the weights, the EMA weights and, at an epoch's end, the best weights,
+        metrics.jsonl and curves.png; then train_state.pt, last, so that a resume starts from the
+        last checkpoint that was written whole and redoes what came after it."""
+        if not _finite(model):
+            raise NonFiniteLossError(f'the weights became inf or NaN by step {st["step"]}')
         if not d.main:
             return
         loop = {k: st[k] for k in ('epoch', 'batch', 'step', 'best_top1', 'nonfinite', 'loss_sum', 'count', 'seconds')}
         ckpt.save_weights(model, output / ckpt.WEIGHTS, meta)
         if ema is not None:
             ckpt.save_weights(ema.module, output / ckpt.EMA, meta)
+        if best:
+            ckpt.save_weights(model, output / ckpt.BEST, meta)
+        if epoch_rows is not None:
+            _write_metrics(output, epoch_rows)
+            plot_curves(output / 'curves.png', {'': epoch_rows})
         ckpt.save_state({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'ema': ema.module.state_dict() if ema else None,
                          'scaler': scaler.state_dict() if scaler else None, 'loop': loop}, output / ckpt.STATE)
 
-    if d.main and not resume:
-        if overwrite:
+    if d.main:
+        if overwrite and not resume:
             clear_run_dir(output)
+        ckpt.mark_run(output, rowcol.__version__)  # first: from now on --overwrite may replace this folder
+    if d.main and not resume:
         ckpt.write_json(output / ckpt.CONFIG, {**asdict(cfg), 'num_classes': num_classes, 'classes': data.classes,
                                                'world_size': d.world, 'device_used': device.type,
                                                'rowcol_version': rowcol.__version__})
@@ -466,7 +606,6 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
             print(f'skipped {len(data.skipped)} bad image(s); listed in {output / "skipped_images.json"}')
 
     result = TrainResult(output, 'finished')
-    rows = read_metrics(output) if resume else []
     with _stop_on_signals():
         while state['epoch'] < cfg.epochs and not _at_max_steps(cfg, state):
             state = train_one_epoch(train_model, data.train, optimizer, scheduler, criterion, cfg, state, device,
@@ -490,21 +629,20 @@ def train(cfg: TrainConfig, output: str | Path, resume: bool = False, overwrite:
                     row['ema_val_top1'] = evaluate(ema.module, data.val, device, cfg.amp, d,
                                                    channels_last=cfg.channels_last)['top1']
                 row['eval_seconds'] = time.perf_counter() - t_eval
+            # weights that just gave a non-finite training loss count as good only if validation confirms them
+            unconfirmed = state['nonfinite'] > 0 and not math.isfinite(row.get('val_loss', math.nan))
             state.update(epoch=state['epoch'] + 1, batch=0, loss_sum=0., count=0., seconds=0.)
             is_best = data.val is not None and row['val_top1'] > state['best_top1']
             if is_best:
                 state['best_top1'] = row['val_top1']
-            save(state)
-            if d.main:
-                if is_best:
-                    ckpt.save_weights(model, output / ckpt.BEST, meta)
-                rows.append(row)
-                ckpt.atomic_write(output / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(
-                    ''.join(json.dumps(r) + '\n' for r in rows)))
-                plot_curves(output / 'curves.png', {'': rows})
-                if progress:
-                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+            rows.append(row)
             result.metrics.append(row)
+            if unconfirmed:
+                print(f'epoch {row["epoch"]}: not checkpointed, its last training loss was not finite', file=sys.stderr)
+            else:
+                save(state, rows, is_best)
+            if d.main and progress:
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
             if stopped:
                 break
         if result.status != 'interrupted' and state['epoch'] < cfg.epochs:

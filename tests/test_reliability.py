@@ -2,6 +2,9 @@
 import json
 import logging
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import rowcol.train as train_mod
 from rowcol import checkpoint as ckpt
 from rowcol.cli import main
 from rowcol.config import resolve_config
 from rowcol.data import scan_image_folder
-from rowcol.errors import CheckpointError, ConfigError, DataError
-from rowcol.train import train
+from rowcol.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, RunExistsError, RunLockedError
+from rowcol.train import resume_config, train
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_pe_micro_patch4_16'
 
@@ -63,6 +68,142 @@ def test_a_link_is_followed_only_to_a_new_folder_inside_its_class_folder(tmp_pat
         samples = scan_image_folder(root)
     assert samples.labels.count(0) == 6 and samples.labels.count(1) == 4
     assert 'extra' in caplog.text and 'b/as' in caplog.text and 'shortcut' in caplog.text
+
+
+# ---------------------------------------------------------------------------- 2, 3. leftovers, locks
+
+def test_leftover_temp_files_are_removed_and_metrics_cut_to_the_checkpoint(tmp_path):
+    out = tmp_path / 'run'
+    train(_cfg(epochs=2, max_steps=1), out, progress=False)
+    (out / '.model_best.safetensors.abc123.tmp').write_bytes(b'')  # a write killed halfway
+    (out / '.notes.tmp').write_text('mine')  # not rowcol's
+    rows = [{'epoch': 1, 'step': 2, 'train_loss': -1.0}, {'epoch': 2, 'step': 4, 'train_loss': -1.0}]
+    (out / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))  # no checkpoint holds these
+    train(resume_config(out, {'max_steps': 0}), out, resume=True, progress=False)
+    assert not (out / '.model_best.safetensors.abc123.tmp').exists() and (out / '.notes.tmp').exists()
+    rows = [json.loads(r) for r in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2] and all(r['train_loss'] > 0 for r in rows)  # redone, not kept
+
+
+_HOLD = '''
+import sys, time
+from rowcol.checkpoint import RunLock
+RunLock(sys.argv[1]).acquire()
+print('locked', flush=True)
+time.sleep(120)
+'''
+
+
+def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / 'run'
+    train(_cfg(epochs=2, max_steps=1), out, progress=False)
+    holder = subprocess.Popen([sys.executable, '-c', _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        before = ckpt.load_state(out / ckpt.STATE)['loop']['step']
+        with pytest.raises(RunLockedError, match=f'pid {holder.pid} '):
+            train(resume_config(out, {'max_steps': 2}), out, resume=True, progress=False)
+        assert main(['train', '--resume', str(out), '--max-steps', '2', '--quiet']) == 2
+        assert f'pid {holder.pid}' in capsys.readouterr().err
+        assert ckpt.load_state(out / ckpt.STATE)['loop']['step'] == before  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    res = train(resume_config(out, {'max_steps': 2}), out, resume=True, progress=False)  # the holder died: stale
+    assert len(res.step_losses) == 1
+    assert f'took over the lock left by pid {holder.pid}' in capsys.readouterr().err
+    assert (out / ckpt.LOCK).read_text() == ''
+
+
+# ---------------------------------------------------------------------------- 4. --overwrite
+
+def test_overwrite_refuses_a_folder_rowcol_did_not_make(tmp_path):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    mine = {'config.json': '{"my": "settings"}', 'metrics.jsonl': '{"my": 1}\n', 'curves.png': 'my plot'}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    for overwrite in (False, True):
+        with pytest.raises(RunExistsError, match='not a rowcol run directory') as e:
+            train(_cfg(max_steps=1), out, overwrite=overwrite, progress=False)
+        assert 'holds a run' not in str(e.value)
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine
+
+
+def test_suggested_commands_quote_paths_with_spaces(tmp_path, capsys):
+    out = tmp_path / 'my runs' / 'run 1'
+    assert main(['train', '--recipe', 'digits', '--model', MODEL, '--subset', '64', '--max-steps', '1',
+                 '--output', str(out), '--quiet']) == 0
+    assert f'--resume {shlex.quote(str(out))} ' in capsys.readouterr().out
+    assert main(['train', '--recipe', 'digits', '--model', MODEL, '--output', str(out), '--quiet']) == 2
+    assert f'--resume {shlex.quote(str(out))} ' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- 5. divergence
+
+def test_nan_before_the_first_checkpoint_names_the_command_that_restarts(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    real = train_mod.compute_loss
+    monkeypatch.setattr(train_mod, 'compute_loss', lambda *a: real(*a) * float('nan'))
+    with pytest.raises(NonFiniteLossError, match='nothing to resume') as e:
+        train(_cfg(max_nonfinite=2), out, progress=False)
+    command = str(e.value).split('lower learning rate: ')[1].split(' (or with')[0]
+    with pytest.raises(RunExistsError, match='--overwrite') as again:  # the same command
+        train(_cfg(max_nonfinite=2), out, progress=False)
+    assert '--resume' not in str(again.value)
+    with pytest.raises(CheckpointError, match='--overwrite'):
+        train(_cfg(max_nonfinite=2), out, resume=True, progress=False)
+    monkeypatch.setattr(train_mod, 'compute_loss', real)
+    args = shlex.split(command)
+    assert args[:2] == ['rowcol', 'train'] and '--overwrite' in args and '--lr' in args
+    assert main(args[1:] + ['--quiet']) == 0  # the command, as printed, restarts the run
+    capsys.readouterr()
+    assert json.loads((out / 'config.json').read_text())['lr'] == pytest.approx(_cfg().scaled_lr() / 2, rel=1e-2)
+
+
+def test_save_every_step_never_keeps_weights_that_then_diverged(tmp_path, monkeypatch):
+    kw = dict(epochs=2, subset=256, save_every_steps=1, max_nonfinite=2, opt='sgd', lr=0.1)
+    train(_cfg(max_steps=2, **kw), tmp_path / 'two', progress=False)  # weights after 2 good steps
+    real, calls = train_mod.compute_loss, []
+
+    def blow_up(*a):  # step 3: a finite loss whose step wrecks the weights; then nothing but NaN
+        calls.append(1)
+        loss = real(*a)
+        return loss * 1e12 if len(calls) == 3 else loss * float('nan') if len(calls) > 3 else loss
+    monkeypatch.setattr(train_mod, 'compute_loss', blow_up)
+    out = tmp_path / 'run'
+    with pytest.raises(NonFiniteLossError, match='--resume') as e:
+        train(_cfg(**kw), out, progress=False)
+    assert '--max-nonfinite' in str(e.value) and '--overwrite' in str(e.value)
+    good, saved = load_file(tmp_path / 'two' / ckpt.WEIGHTS), load_file(out / ckpt.WEIGHTS)
+    assert all(torch.equal(good[k], saved[k]) for k in good)
+    state = ckpt.load_state(out / ckpt.STATE)
+    assert state['loop']['step'] == 2 and max(v.abs().max().item() for v in state['model'].values()) < 100
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float('inf')
+
+
+def test_a_step_with_a_finite_loss_but_an_infinite_gradient_is_skipped(tmp_path, monkeypatch):
+    real, calls = train_mod.compute_loss, []
+
+    def inf_grad_first(*a):
+        calls.append(1)
+        loss = real(*a)
+        return _InfGrad.apply(loss) if len(calls) == 1 else loss
+    monkeypatch.setattr(train_mod, 'compute_loss', inf_grad_first)
+    res = train(_cfg(epochs=2, max_steps=2), tmp_path / 'run', progress=False)
+    assert all(np.isfinite(res.step_losses))
+    weights = load_file(tmp_path / 'run' / ckpt.WEIGHTS)
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 # ---------------------------------------------------------------------------- 6. model_kwargs
