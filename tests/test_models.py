@@ -42,6 +42,35 @@ def test_fx_trace_and_torch_export_equal_eager(name):
             torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('name', ROWCOL_MODELS)
+def test_timm_feature_interface(name):
+    """What timm checks of its own models: features_only (default, getter, fx) with feature_info's channels
+    and reductions, forward_intermediates, prune_intermediate_layers, global_pool='' and reset_classifier."""
+    model, x = _small(name)
+    model.eval()
+    size_kw = {'img_size': x.shape[-1]} if hasattr(model, 'patch_embed') else {}
+    with torch.no_grad():
+        for cls in (None, 'getter', 'fx'):
+            kw = dict(size_kw, **({'feature_cls': cls} if cls else {}))
+            fm = timm.create_model(name, features_only=True, **kw).eval()
+            outs = fm(x)
+            assert len(outs) == len(fm.feature_info.channels()) >= 1, (name, cls)
+            for o, c, r in zip(outs, fm.feature_info.channels(), fm.feature_info.reduction()):
+                if o.dim() == 3:  # a ViT's FX features are its blocks' tokens, (B, N, C), as in timm
+                    assert o.shape[-1] == c and o.shape[1] >= (x.shape[-1] // r) ** 2, (name, cls, o.shape)
+                else:
+                    assert o.shape[1] == c and x.shape[-1] // o.shape[-1] == r, (name, cls, o.shape, c, r)
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(inter) == len(model.feature_info)
+        model.reset_classifier(0, '')
+        assert model(x).shape == model.forward_features(x).shape  # no pooling, no head
+        pooled = create_model(name, num_classes=0, global_pool='', **size_kw).eval()
+        assert pooled(x).shape == final.shape
+        kept = pooled.prune_intermediate_layers(indices=[1])
+        assert kept == [1] and len(pooled.forward_intermediates(x, indices=[1], intermediates_only=True)) == 1
+
+
 @pytest.mark.parametrize('name', ['resnet50_pe', 'vit_pe_small_patch16_224'])
 def test_builds_on_the_meta_device(name):
     with torch.device('meta'):

@@ -14,7 +14,9 @@ timm's standard ``Bottleneck`` with 1×1 projection shortcuts. Stages 3-4 are PE
   s ≠ 1 (two BNs in a row, as the authors have it), else the widened input;
 * block i: h = BN(Wᵀ ReLU(BN(conv3×3(ReLU(BN(W x)))))), x = ReLU(h + identity).
 
-``pe_stages`` picks which stages (1-4) are PE; ``tie`` is ``'stage'`` (one W per stage, the
+The model is timm's ``ResNet`` (stem, dense stages, head, ``feature_info``, ``features_only``,
+``forward_intermediates``, ``prune_intermediate_layers``, ``reset_classifier``) with only the PE
+stages rowcol's own. ``pe_stages`` picks which stages (1-4) are PE; ``tie`` is ``'stage'`` (one W per stage, the
 authors'), ``'block'`` (one W per block, used as W and Wᵀ) or ``'none'`` (the same layout with
 its own W1 and W2 per block, to measure the tie alone). ``stem='3x3'`` replaces the 7×7 stem
 and max-pool with one 3×3 stride-1 conv for 32-px images.
@@ -31,11 +33,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
-from timm.models.resnet import Bottleneck, downsample_conv
+from timm.models.resnet import Bottleneck, ResNet, make_blocks
 
 from rowcol.layers import TiedLinear, is_fx_tracing
 from rowcol.models._registry import check_pretrained, dense_twin, register_pe
@@ -147,20 +150,9 @@ class PeStage(nn.Module):
         return self.downsample(x)
 
 
-def _dense_stage(in_chs: int, mid: int, depth: int, stride: int, drop_path: Sequence[float]) -> nn.Sequential:
-    out_chs = 4 * mid
-    blocks = []
-    for i in range(depth):
-        down = None
-        if i == 0 and (stride != 1 or in_chs != out_chs):
-            down = downsample_conv(in_chs, out_chs, 1, stride=stride)
-        dp = DropPath(drop_path[i]) if drop_path[i] > 0 else None
-        blocks.append(Bottleneck(in_chs if i == 0 else out_chs, mid, stride if i == 0 else 1, down, drop_path=dp))
-    return nn.Sequential(*blocks)
-
-
-class ResNetPE(nn.Module):
-    """Bottleneck ResNet with any set of stages made PE; timm's model interface."""
+class ResNetPE(ResNet):
+    """timm's ``ResNet`` (stem, dense stages, head, features, intermediates) with the stages in
+    ``pe_stages`` replaced by :class:`PeStage`; ``widths`` are timm's ``channels``."""
 
     def __init__(
             self,
@@ -177,43 +169,39 @@ class ResNetPE(nn.Module):
             zero_init_last: bool = True,
             **kwargs,
     ) -> None:
-        super().__init__()
         if kwargs:
             raise TypeError(f'ResNetPE: unexpected arguments {sorted(kwargs)}')
         if any(s not in (1, 2, 3, 4) for s in pe_stages):
             raise ValueError(f'pe_stages must be stage numbers 1-4, got {tuple(pe_stages)}')
         if stem not in ('7x7', '3x3'):
             raise ValueError(f"stem must be '7x7' or '3x3', got '{stem}'")
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
+        super().__init__(Bottleneck, tuple(layers), num_classes=num_classes, in_chans=in_chans,
+                         global_pool=global_pool, stem_width=widths[0], channels=tuple(widths), drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate, zero_init_last=False)
         self.pe_stages = tuple(sorted(pe_stages))
-        stem_chs = widths[0]
-        if stem == '7x7':
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(in_chans, stem_chs, 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
-        self.bn1 = _bn(stem_chs)
-        self.act1 = nn.ReLU(inplace=True)
-
-        n = sum(layers)  # drop-path rates in plain Python: a tensor would fail under torch.device('meta')
-        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
-        in_chs, reduction, self.feature_info = stem_chs, 4 if stem == '7x7' else 1, []
-        for i, (depth, mid) in enumerate(zip(layers, widths)):
-            stride = 1 if i == 0 else 2
-            dp, dpr = dpr[:depth], dpr[depth:]
-            if i + 1 in self.pe_stages:
-                stage = PeStage(in_chs, mid, depth, stride, tie, dp)
+        w0 = widths[0]
+        if stem == '3x3' or w0 != 64:  # timm's plain stem is 64 wide: rebuild it and the stages after it
+            if stem == '3x3':  # 32-px images: one 3×3 stride-1 conv, no max-pool
+                self.conv1 = nn.Conv2d(in_chans, w0, 3, stride=1, padding=1, bias=False)
+                self.maxpool = nn.Identity()
             else:
-                stage = _dense_stage(in_chs, mid, depth, stride, dp)
-            self.add_module(f'layer{i + 1}', stage)
-            in_chs, reduction = 4 * mid, reduction * stride
-            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f'layer{i + 1}'))
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(in_chs * self.global_pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+                self.conv1 = nn.Conv2d(in_chans, w0, 7, stride=2, padding=3, bias=False)
+            self.bn1 = _bn(w0)
+            stages, info = make_blocks((Bottleneck,) * len(widths), tuple(widths), tuple(layers), w0,
+                                       drop_path_rate=drop_path_rate)
+            for name, stage in stages:
+                setattr(self, name, stage)
+            self.feature_info = [dict(num_chs=w0, reduction=2, module='act1')] + info
+            if stem == '3x3':
+                for f in self.feature_info:
+                    f['reduction'] //= 2 if f['module'] == 'act1' else 4
+        n = sum(layers)  # timm's drop-path rates; plain Python, as a tensor fails under torch.device('meta')
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+        for i, (depth, mid) in enumerate(zip(layers, widths)):
+            if i + 1 in self.pe_stages:
+                in_chs = self.feature_info[i]['num_chs']  # the stem's or the previous stage's output
+                dp = dpr[sum(layers[:i]):sum(layers[:i + 1])]
+                setattr(self, f'layer{i + 1}', PeStage(in_chs, mid, depth, 1 if i == 0 else 2, tie, dp))
         self.init_weights(zero_init_last)
 
     @torch.no_grad()
@@ -243,42 +231,36 @@ class ResNetPE(nn.Module):
         for i in self.pe_stages:
             getattr(self, f'layer{i}').grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
-        self.num_classes = num_classes
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features * self.global_pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and isinstance(stage, nn.Sequential) and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)  # PE stages checkpoint per block themselves
+        return stage(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # (B, C0, H/4, W/4) or (B, C0, H, W)
-        stages = [getattr(self, f'layer{i}') for i in range(1, 5)]
-        for i, stage in enumerate(stages):
-            if self.grad_checkpointing and isinstance(stage, nn.Sequential) and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)  # PE stages checkpoint per block themselves
-            else:
-                x = stage(x)
+        for i in range(1, 5):
+            x = self._stage(getattr(self, f'layer{i}'), x)
         return x  # (B, C, h, w)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)  # (B, C)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """timm's ``ResNet.forward_intermediates`` (stem + 4 stages), PE stages run as in ``forward_features``."""
+        if output_fmt != 'NCHW':
+            raise ValueError('ResNetPE: output_fmt must be NCHW')
+        take, max_index = feature_take_indices(5, indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        intermediates = [x] if 0 in take else []
+        x = self.maxpool(x)
+        for i in range(1, (max_index if stop_early else 4) + 1):
+            x = self._stage(getattr(self, f'layer{i}'), x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNetPE:
     check_pretrained(variant, pretrained, kwargs)
-    model = build_model_with_cfg(ResNetPE, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    model = build_model_with_cfg(ResNetPE, variant, pretrained, **kwargs)
     model.dense_twin = dense_twin(variant)  # None for the dense models registered here
     return model
 

@@ -111,64 +111,64 @@ register_pe('vit_pe_micro_patch4_16', 'vit_micro_patch4_16', 233_770, 232_800, 4
 @register_model
 def vit_pe_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-PE-Ti/16: twin of timm ``vit_tiny_patch16_224``."""
-    return _create_vit('vit_pe_tiny_patch16_224', pretrained, **dict(_TINY, patch_size=16, **kwargs))
+    return _create_vit('vit_pe_tiny_patch16_224', pretrained, **{**_TINY, 'patch_size': 16, **kwargs})
 
 
 @register_model
 def vit_pe_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-PE-S/16: twin of timm ``vit_small_patch16_224``."""
-    return _create_vit('vit_pe_small_patch16_224', pretrained, **dict(_SMALL, patch_size=16, **kwargs))
+    return _create_vit('vit_pe_small_patch16_224', pretrained, **{**_SMALL, 'patch_size': 16, **kwargs})
 
 
 @register_model
 def vit_pe_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-PE-B/16: twin of timm ``vit_base_patch16_224``."""
-    return _create_vit('vit_pe_base_patch16_224', pretrained, **dict(_BASE, patch_size=16, **kwargs))
+    return _create_vit('vit_pe_base_patch16_224', pretrained, **{**_BASE, 'patch_size': 16, **kwargs})
 
 
 @register_model
 def vit_nano_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Dense ViT (dim 128, depth 6, 4 heads) with 4-px patches for 32-px images; the CPU-sized one."""
-    return _create_vit('vit_nano_patch4_32', pretrained, pe=False, **dict(_NANO, **_P4_32, **kwargs))
+    return _create_vit('vit_nano_patch4_32', pretrained, pe=False, **{**_NANO, **_P4_32, **kwargs})
 
 
 @register_model
 def vit_pe_nano_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-PE nano with 4-px patches for 32-px images: twin of ``vit_nano_patch4_32``."""
-    return _create_vit('vit_pe_nano_patch4_32', pretrained, **dict(_NANO, **_P4_32, **kwargs))
+    return _create_vit('vit_pe_nano_patch4_32', pretrained, **{**_NANO, **_P4_32, **kwargs})
 
 
 @register_model
 def vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Dense ViT-Ti with 4-px patches for 32-px images (CIFAR): 64 tokens + class token."""
-    return _create_vit('vit_tiny_patch4_32', pretrained, pe=False, **dict(_TINY, **_P4_32, **kwargs))
+    return _create_vit('vit_tiny_patch4_32', pretrained, pe=False, **{**_TINY, **_P4_32, **kwargs})
 
 
 @register_model
 def vit_pe_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-PE-Ti with 4-px patches for 32-px images: twin of ``vit_tiny_patch4_32``."""
-    return _create_vit('vit_pe_tiny_patch4_32', pretrained, **dict(_TINY, **_P4_32, **kwargs))
+    return _create_vit('vit_pe_tiny_patch4_32', pretrained, **{**_TINY, **_P4_32, **kwargs})
 
 
 @register_model
 def vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Dense ViT-S with 4-px patches for 32-px images."""
-    return _create_vit('vit_small_patch4_32', pretrained, pe=False, **dict(_SMALL, **_P4_32, **kwargs))
+    return _create_vit('vit_small_patch4_32', pretrained, pe=False, **{**_SMALL, **_P4_32, **kwargs})
 
 
 @register_model
 def vit_pe_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-PE-S with 4-px patches for 32-px images: twin of ``vit_small_patch4_32``."""
-    return _create_vit('vit_pe_small_patch4_32', pretrained, **dict(_SMALL, **_P4_32, **kwargs))
+    return _create_vit('vit_pe_small_patch4_32', pretrained, **{**_SMALL, **_P4_32, **kwargs})
 
 
 @register_model
 def vit_micro_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Dense demo ViT (dim 96, depth 4) for 16-px images such as upsampled 8×8 digits."""
-    return _create_vit('vit_micro_patch4_16', pretrained, pe=False, **dict(_MICRO, **kwargs))
+    return _create_vit('vit_micro_patch4_16', pretrained, pe=False, **{**_MICRO, **kwargs})
 
 
 @register_model
 def vit_pe_micro_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """PE demo ViT: twin of ``vit_micro_patch4_16``."""
-    return _create_vit('vit_pe_micro_patch4_16', pretrained, **dict(_MICRO, **kwargs))
+    return _create_vit('vit_pe_micro_patch4_16', pretrained, **{**_MICRO, **kwargs})
