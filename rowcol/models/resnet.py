@@ -231,6 +231,10 @@ class ResNetPE(ResNet):
         for i in self.pe_stages:
             getattr(self, f'layer{i}').grad_checkpointing = enable
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()  # timm's optimizer factory already exempts norms and biases (1-D parameters)
+
     def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and isinstance(stage, nn.Sequential) and not torch.jit.is_scripting():
             return checkpoint_seq(stage, x)  # PE stages checkpoint per block themselves
