@@ -96,12 +96,26 @@ def _add_train(sub) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rowcol.evaluate import evaluate_run, plot_confusion
-    res = evaluate_run(args.checkpoint, args.data, weights=args.weights, split=args.split,
-                       batch_size=args.batch_size, device=args.device, progress=not args.json)
+    from rowcol.evaluate import evaluate_file, evaluate_run, plot_confusion
+    if (args.checkpoint is None) == (args.model is None):
+        raise ConfigError('eval: give --checkpoint RUN_DIR, or --model NAME --weights FILE')
+    if args.checkpoint is not None:
+        weights = args.weights or 'last'
+        if weights not in ('last', 'best', 'ema'):
+            raise ConfigError(f"eval --checkpoint: --weights must be last, best or ema, got '{weights}' "
+                              '(a weights file goes with --model NAME)')
+        res = evaluate_run(args.checkpoint, args.data, weights=weights, split=args.split,
+                           batch_size=args.batch_size, device=args.device, progress=not args.json)
+        default_png = Path(args.checkpoint) / 'confusion.png'
+    else:
+        if not args.weights:
+            raise ConfigError('eval --model: --weights FILE is required (.safetensors, .pth or .pth.tar)')
+        res = evaluate_file(args.model, args.weights, args.data, ema=args.ema, batch_size=args.batch_size,
+                            img_size=args.img_size, device=args.device, progress=not args.json)
+        default_png = None  # nothing is written beside the user's file unless --confusion asks
     classes = list(res['per_class'])
-    if args.confusion != '':
-        path = args.confusion or str(Path(args.checkpoint) / 'confusion.png')
+    if args.confusion != '' and (args.confusion or default_png):
+        path = args.confusion or str(default_png)
         plot_confusion(res['confusion'], classes, path, title=f"{res['checkpoint']} on {res['data']}")
         res['confusion_png'] = path
     if args.json:
@@ -118,10 +132,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser('eval', help='top-1/top-5/loss, per-class accuracy and a confusion matrix of a run')
-    p.add_argument('--checkpoint', required=True, metavar='RUN_DIR', help='run directory (rowcol train --output)')
+    p = sub.add_parser('eval', help='top-1/top-5/loss, per-class accuracy and a confusion matrix of a run '
+                       'or of a weights file')
+    p.add_argument('--checkpoint', metavar='RUN_DIR', help='run directory (rowcol train --output)')
+    p.add_argument('--model', metavar='NAME', help='timm model name, scored with --weights FILE')
     p.add_argument('--data', required=True, help="folder of class folders, or 'digits' / 'cifar10' / 'cifar100'")
-    p.add_argument('--weights', default='last', choices=['last', 'best', 'ema'], help='which weights of the run')
+    p.add_argument('--weights', default=None, help='with --checkpoint: last (default), best or ema; with --model: '
+                   "a file (.safetensors, or .pth / .pth.tar such as timm train.py's model_best.pth.tar)")
+    p.add_argument('--ema', action='store_true', help="with --model: the file's state_dict_ema")
+    p.add_argument('--img-size', type=int, default=None, help="with --model: input size (default: the model's)")
     p.add_argument('--split', default='auto', choices=['auto', 'val', 'all'],
                    help="val: the run's saved validation split of --data (its training data); all: the "
                         "evaluation part of --data (a bare folder: every image; a train/val layout: val/; "
@@ -129,7 +148,8 @@ def _add_eval(sub) -> None:
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--device', default=None)
     p.add_argument('--confusion', default=None, metavar='PNG',
-                   help="where to write the confusion-matrix PNG (default RUN_DIR/confusion.png; '' for none)")
+                   help="where to write the confusion-matrix PNG (default with --checkpoint: RUN_DIR/confusion.png; "
+                        "'' for none)")
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_cmd_eval)
 

@@ -33,7 +33,11 @@ MODEL_KWARGS = frozenset({
     # ViT sizes (docs/RESULTS.md runs) and timm's VisionTransformer options that only shape it
     'embed_dim', 'num_heads', 'depth', 'mlp_ratio', 'patch_size', 'img_size', 'qkv_bias', 'qk_norm',
     'class_token', 'global_pool', 'fc_norm', 'no_embed_class', 'reg_tokens', 'init_values',
-    'drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate',
+    'drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'dynamic_img_size',
+    # sizes of the other timm families that --halve is documented for (docs/HALVE.md: PVT-v2, Swin,
+    # ConvNeXt, MLP-Mixer, ResNet)
+    'depths', 'dims', 'embed_dims', 'mlp_ratios', 'sr_ratios', 'window_size', 'num_blocks', 'ls_init_value',
+    'base_width', 'stem_width', 'stem_type',
 })
 
 
@@ -95,6 +99,7 @@ class TrainConfig:
     max_nonfinite: int = 5          # this many non-finite losses in a row abort the run
     save_every_steps: int = 0       # also checkpoint every N steps (0: once per epoch)
     max_steps: Optional[int] = None  # stop (with a resumable checkpoint) after this many steps; 0: no limit
+    log: str = 'none'               # none | tensorboard (event files beside metrics.jsonl, the same scalars)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # halving and distillation
     halve: bool = False             # tie the model's layer pairs with rowcol.halve
@@ -128,6 +133,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 0, 'max_steps must be >= 0 (0: no limit)'),
             (self.save_every_steps >= 0, 'save_every_steps must be >= 0'),
             (self.warmup_epochs >= 0 and self.weight_decay >= 0, 'warmup_epochs and weight_decay must be >= 0'),
+            (self.log in ('none', 'tensorboard'), f"log must be none or tensorboard, got '{self.log}'"),
             (self.halve_attn in ('qo_kv', 'qk_vo', 'vo', 'dense'),
              f"halve_attn must be qo_kv, qk_vo, vo or dense, got '{self.halve_attn}'"),
             (self.halve or not (self.halve_scale or self.init_from), '--halve-scale and --init-from need --halve'),
@@ -176,6 +182,8 @@ FIELD_HELP = {
     'max_steps': 'stop after N steps in total, with a resumable checkpoint (0: no limit, e.g. to finish a stopped run)',
     'model_kwargs': 'extra model arguments as JSON, e.g. \'{"attn_form": "vo"}\' (only those in '
                     'rowcol.config.MODEL_KWARGS)',
+    'log': 'tensorboard: also write TensorBoard event files with the epoch scalars into the run directory '
+           '(needs pip install tensorboard)',
     'halve': 'tie the layer pairs of --model (any timm model) with rowcol.halve',
     'halve_attn': 'attention form for --halve: qo_kv (the authors\'), qk_vo, vo, or dense (untied)',
     'halve_scale': 'per-use channel scales in the halved MLPs and attentions',
@@ -185,7 +193,7 @@ FIELD_HELP = {
     'distill_tau': 'distillation temperature (default 1)',
 }
 # What --resume may change; anything else would make the continued run a different run.
-RESUMABLE = frozenset({'epochs', 'max_steps', 'save_every_steps', 'workers', 'device', 'max_nonfinite'})
+RESUMABLE = frozenset({'epochs', 'max_steps', 'save_every_steps', 'workers', 'device', 'max_nonfinite', 'log'})
 
 
 def deit() -> dict:

@@ -1,4 +1,4 @@
-"""``rowcol eval``: score a run directory on a folder of class folders.
+"""``rowcol eval``: score a run directory, or a timm model's weights file, on a folder of class folders.
 
 Reuses the run's validation split (``split.json``) when ``--data`` is the run's own training
 data (the same path, or a copy elsewhere with the same file names and sizes), so the numbers
@@ -16,13 +16,13 @@ import torch
 from rowcol import checkpoint as ckpt
 from rowcol.config import config_from_dict
 from rowcol.data import load_split
-from rowcol.errors import DataError
+from rowcol.errors import CheckpointError, DataError
 from rowcol.models import model_defaults
 from rowcol.pipeline import NAMED, build_eval_data, data_fingerprint
 from rowcol.runtime import resolve_device
 from rowcol.train import evaluate
 
-__all__ = ['evaluate_run', 'plot_confusion']
+__all__ = ['evaluate_run', 'evaluate_file', 'load_weights_file', 'plot_confusion']
 
 
 def _same_path(data: str, run_data: str) -> bool:
@@ -84,18 +84,79 @@ def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: s
         raise DataError(f'{data}: classes do not match the checkpoint {run_dir} '
                         f'(not in checkpoint: {extra[:5]}, missing: {missing[:5]}'
                         f'{", same names in another order" if not extra and not missing else ""})')
+    res = _score(model, loader, classes, device, cfg.amp, bool(cfg.channels_last), progress)
+    res.update(split='val' if record else 'all', weights=weights, checkpoint=str(run_dir), data=str(data))
+    return res
+
+
+def _score(model, loader, classes: list[str], device: Optional[str], amp: str, channels_last: bool,
+           progress: bool) -> dict:
     dev = resolve_device(device)
     model.to(dev)
-    channels_last = bool(cfg.channels_last)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    res = evaluate(model, loader, dev, cfg.amp, num_classes=len(classes), channels_last=channels_last,
-                   progress=progress)
+    res = evaluate(model, loader, dev, amp, num_classes=len(classes), channels_last=channels_last, progress=progress)
     conf = res.pop('confusion')
     totals = conf.sum(1).clamp(min=1)
     res['per_class'] = {c: round(100 * conf[i, i].item() / totals[i].item(), 2) for i, c in enumerate(classes)}
-    res.update(split='val' if record else 'all', weights=weights, checkpoint=str(run_dir), data=str(data))
     res['confusion'] = conf.tolist()
+    return res
+
+
+def load_weights_file(model: torch.nn.Module, path: str | Path, ema: bool = False) -> str:
+    """Load a weights file into ``model`` (strict): ``.safetensors``, or a torch file read with
+    ``weights_only=True`` that holds a state dict or timm train.py's checkpoint (``model_best.pth.tar``:
+    ``state_dict``, ``state_dict_ema`` with ``ema``). DDP's ``module.`` prefixes are dropped. Returns
+    what was loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: weights file not found')
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state, what = load_file(str(path)), 'safetensors'
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from None
+    else:
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # pickle payloads, zip errors: an unusable file either way
+            raise CheckpointError(f'{path}: cannot load with weights_only=True ({str(e).splitlines()[0]})') from None
+        if isinstance(obj, dict) and ('state_dict' in obj or 'state_dict_ema' in obj):
+            what = 'state_dict_ema' if ema else 'state_dict'
+            if not isinstance(obj.get(what), dict):
+                raise CheckpointError(f"{path}: no '{what}' in the checkpoint (keys: {sorted(obj)[:8]})")
+            state = obj[what]
+        elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            if ema:
+                raise CheckpointError(f'{path}: a plain state dict has no EMA weights')
+            state, what = obj, 'state dict'
+        else:
+            raise CheckpointError(f'{path}: neither a state dict nor a checkpoint with state_dict')
+    state = {k.removeprefix('module.'): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: does not fit the model: {str(e).splitlines()[0]} '
+                              f'{" ".join(str(e).splitlines()[1:2])[:300]}') from None
+    return what
+
+
+def evaluate_file(model_name: str, weights: str | Path, data: str, ema: bool = False, batch_size: int = 256,
+                  img_size: Optional[int] = None, device: Optional[str] = None, progress: bool = False) -> dict:
+    """Score a weights file of timm model ``model_name`` (e.g. what timm's train.py writes) on the
+    evaluation part of ``data``; the model gets one output per class of ``data``."""
+    from rowcol.config import TrainConfig
+    from rowcol.models import create_model
+    defaults = model_defaults(model_name)
+    size = img_size or defaults['input_size'][-1]
+    cfg = TrainConfig(model=model_name, data=data, batch_size=batch_size, img_size=img_size)
+    loader, classes = build_eval_data(data, cfg, size, defaults['mean'], defaults['std'], None, progress=progress)
+    model = create_model(model_name, img_size=img_size, num_classes=len(classes))
+    what = load_weights_file(model, weights, ema)
+    res = _score(model.eval(), loader, classes, device, 'none', False, progress)
+    res.update(split='all', weights=f'{weights} ({what})', checkpoint=model_name, data=str(data))
     return res
 
 

@@ -123,6 +123,33 @@ def clear_run_dir(output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         (output / name).unlink(missing_ok=True)
+    for events in output.glob('events.out.tfevents.*'):  # --log tensorboard's
+        events.unlink()
+
+
+class _TensorBoard:
+    """``--log tensorboard``: each epoch's scalars (those of metrics.jsonl) as TensorBoard events in the run."""
+
+    def __init__(self, output: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(output))
+
+    def log(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != 'epoch' and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=row['epoch'])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _check_log(cfg: TrainConfig) -> None:
+    if cfg.log == 'tensorboard':
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError('--log tensorboard needs the tensorboard package: pip install tensorboard') from None
 
 
 def _lock_run(output: Path, resume: bool, overwrite: bool) -> ckpt.RunLock:
@@ -490,6 +517,7 @@ def _write_metrics(output: Path, rows: list[dict]) -> None:
 def _train(cfg: TrainConfig, output: Path, resume: bool, overwrite: bool, progress: bool,
            held: ExitStack) -> TrainResult:
     check_run_dir(output, resume, overwrite)  # every rank raises alike; again under the lock
+    _check_log(cfg)
     d, device = init_distributed(cfg.device)
     if cfg.amp == 'fp16' and device.type != 'cuda':
         raise ConfigError('--amp fp16 needs a CUDA device; use --amp bf16 on CPU')
@@ -593,6 +621,7 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, overwrite: bool, progre
         if overwrite and not resume:
             clear_run_dir(output)
         ckpt.mark_run(output, rowcol.__version__)  # first: from now on --overwrite may replace this folder
+    board = _TensorBoard(output) if d.main and cfg.log == 'tensorboard' else None
     if d.main and not resume:
         ckpt.write_json(output / ckpt.CONFIG, {**asdict(cfg), 'num_classes': num_classes, 'classes': data.classes,
                                                'world_size': d.world, 'device_used': device.type,
@@ -641,11 +670,15 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, overwrite: bool, progre
                 print(f'epoch {row["epoch"]}: not checkpointed, its last training loss was not finite', file=sys.stderr)
             else:
                 save(state, rows, is_best)
+                if board is not None:
+                    board.log(row)
             if d.main and progress:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
             if stopped:
                 break
         if result.status != 'interrupted' and state['epoch'] < cfg.epochs:
             result.status = 'stopped'
+    if board is not None:
+        board.close()
     barrier(d)
     return result

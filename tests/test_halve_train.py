@@ -121,3 +121,50 @@ def test_halved_run_exports_analyzes_and_benches(tmp_path, capsys):
                  '--steps', '1', '--repeats', '1', '--warmup', '1', '--latency-iters', '1', '--json']) == 0
     bench = json.loads(capsys.readouterr().out)
     assert bench['ratio_params'] < 0.7
+
+
+def test_eval_scores_a_timm_style_checkpoint(dense_run, tmp_path, capsys):
+    """What timm's train.py writes (state_dict / state_dict_ema in a .pth.tar), a safetensors file,
+    and refusals: a pickle payload, a file of another model."""
+    model, _ = load_run(dense_run)
+    sd = {f'module.{k}': v for k, v in model.state_dict().items()}  # as saved from DDP
+    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({'epoch': 3, 'arch': DENSE, 'state_dict': sd, 'state_dict_ema': ema}, tmp_path / 'model_best.pth.tar')
+    capsys.readouterr()
+    assert main(['eval', '--model', DENSE, '--weights', str(tmp_path / 'model_best.pth.tar'), '--data', 'digits',
+                 '--json']) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(['eval', '--checkpoint', str(dense_run), '--data', 'digits', '--split', 'all', '--json',
+                 '--confusion', '']) == 0
+    assert json.loads(capsys.readouterr().out)['top1'] == plain['top1']  # the same weights, the same images
+    assert main(['eval', '--model', DENSE, '--weights', str(tmp_path / 'model_best.pth.tar'), '--ema', '--data',
+                 'digits', '--json']) == 0
+    assert 'state_dict_ema' in json.loads(capsys.readouterr().out)['weights']
+    assert main(['eval', '--model', DENSE, '--weights', str(dense_run / 'model.safetensors'), '--data', 'digits',
+                 '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['top1'] == plain['top1']
+    torch.save({'x': torch.nn.Linear(2, 2)}, tmp_path / 'evil.pth')  # a pickled module: weights_only refuses it
+    assert main(['eval', '--model', DENSE, '--weights', str(tmp_path / 'evil.pth'), '--data', 'digits']) == 2
+    assert 'weights_only=True' in capsys.readouterr().err
+    assert main(['eval', '--model', 'vit_pe_micro_patch4_16', '--weights', str(tmp_path / 'model_best.pth.tar'),
+                 '--data', 'digits']) == 2
+    assert 'does not fit the model' in capsys.readouterr().err
+    assert main(['eval', '--model', DENSE, '--data', 'digits']) == 2
+    assert main(['eval', '--checkpoint', str(dense_run), '--weights', 'x.pth', '--data', 'digits']) == 2
+    assert not list(tmp_path.glob('*.png'))
+
+
+def test_log_tensorboard_writes_the_metrics_scalars(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'tb'
+    args = ['--model', 'vit_pe_micro_patch4_16', '--recipe', 'digits', '--epochs', '2', '--subset', '128',
+            '--batch-size', '32', '--quiet', '--log', 'tensorboard']
+    assert main(['train', *args, '--max-steps', '4', '--output', str(out)]) == 0  # epoch 1 of 2, then stop
+    assert main(['train', '--resume', str(out), '--max-steps', '0', '--quiet']) == 0
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    events = EventAccumulator(str(out)).Reload()
+    assert {'train_loss', 'val_top1', 'lr'} <= set(events.Tags()['scalars'])
+    for key in ('train_loss', 'val_top1'):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert logged == pytest.approx({r['epoch']: r[key] for r in rows})
