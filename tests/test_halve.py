@@ -334,3 +334,16 @@ def test_pe_vit_fx_trace_equals_eager(kwargs):
     model = timm.create_model('vit_pe_micro_patch4_16', **kwargs).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(symbolic_trace(model)(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16_224', 'pvt_v2_b0', 'resnet26'])
+def test_halved_models_export_and_build_on_meta(name):
+    halved = halve(_dense(name))
+    x = _input(name)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(halved, (x,)).module()(x), halved(x), rtol=1e-5, atol=1e-6)
+    kw, _ = FAMILIES[name]
+    with torch.device('meta'):
+        meta = halve(timm.create_model(name, num_classes=10, **kw))
+    assert all(p.device.type == 'meta' for p in meta.parameters())
+    assert count_params(meta) == count_params(halved)
