@@ -156,6 +156,15 @@ class TiedT(nn.Module):
         return f'Wᵀ of a tied W ({self.src.out_features} -> {self.src.in_features}), bias={self.bias is not None}'
 
 
+def _qkv(m: nn.Module, form: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V from the projections of ``m`` (a PeAttention or TiedQKV) under tie pattern ``form``."""
+    if form == 'qo_kv':
+        return m.q(x), m.kv(x), m.kv.forward_t(x)  # Q = W_q x, K = W_kv x, V = W_kvᵀ x
+    if form == 'qk_vo':
+        return m.qk(x), m.qk.forward_t(x), m.vo(x)  # Q = W_qk x, K = W_qkᵀ x, V = W_vo x
+    return m.q(x), m.k(x), m.vo(x)  # 'vo': only V (and the output) tied
+
+
 class TiedQKV(nn.Module):
     """A fused-qkv replacement ((..., d) -> (..., 3d), [q | k | v]) made of tied projections.
 
@@ -196,14 +205,7 @@ class TiedQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parts == 'kv':
             return torch.cat([self.kv(x), self.kv.forward_t(x)], dim=-1)  # (..., 2d): [K | V]
-        f = self.form
-        if f == 'qo_kv':
-            q, k, v = self.q(x), self.kv(x), self.kv.forward_t(x)
-        elif f == 'qk_vo':
-            q, k, v = self.qk(x), self.qk.forward_t(x), self.vo(x)
-        else:
-            q, k, v = self.q(x), self.k(x), self.vo(x)
-        return torch.cat([q, k, v], dim=-1)  # (..., 3d)
+        return torch.cat(_qkv(self, self.form, x), dim=-1)  # (..., 3d): [Q | K | V]
 
 
 class PeMlp(nn.Module):
@@ -331,13 +333,7 @@ class PeAttention(nn.Module):
             # Three projections read x where timm's fused qkv reads it once; autocast would cast x
             # to bf16 for each of them. Cast once (the three input gradients then sum in bf16).
             x = x.to(torch.get_autocast_dtype(dev))
-        f = self.form
-        if f == 'qo_kv':
-            q, k, v = self.q(x), self.kv(x), self.kv.forward_t(x)
-        elif f == 'qk_vo':
-            q, k, v = self.qk(x), self.qk.forward_t(x), self.vo(x)
-        else:
-            q, k, v = self.q(x), self.k(x), self.vo(x)
+        q, k, v = _qkv(self, self.form, x)
         if self.use_scale:
             q, k, v = q * self.scale_qkv[0], k * self.scale_qkv[1], v * self.scale_qkv[2]
         return q, k, v

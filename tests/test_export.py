@@ -21,13 +21,7 @@ from rowcol.stats import count_params
 PE_MODELS = ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """One torch thread: on a busy shared CPU two OpenMP threads can stall each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _randomized(name: str, seed: int = 0) -> torch.nn.Module:

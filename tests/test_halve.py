@@ -32,12 +32,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _dense(name: str, seed: int = 0) -> nn.Module:
