@@ -215,3 +215,12 @@ def test_max_steps_zero_finishes_a_stopped_run(folder, tmp_path):
                  *FAST]) == 0
     assert main(['train', '--resume', str(run), '--max-steps', '0', '--quiet']) == 0
     assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1  # the one epoch completed
+
+
+def test_demo_runs_twice_into_its_own_folder(tmp_path, monkeypatch, capsys):
+    """`rowcol demo` replaces its own runs on every call (the run-directory marks allow it)."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(['demo', '--epochs', '1', '--subset', '256', '--quiet']) == 0
+    out = tmp_path / 'runs' / 'demo-vit_pe_micro_patch4_16'
+    assert (out / 'report.md').is_file() and (out / 'pe' / 'model.safetensors').is_file()
