@@ -8,11 +8,12 @@ Run from the repository root on a CUDA machine, with the CIFAR-10 folder unpacke
     python benchmarks/gpu_session.py train --out OUT --data cifar10/train --jobs 10 --deadline 420 \
         --done results/cifar10                                    # skip runs already there
     python benchmarks/gpu_session.py pack --out OUT --dest FOLDER  # archives of OUT (runs in OUT/runs or OUT/train/runs)
+    python benchmarks/gpu_session.py train --out OUT --data DIR --runs benchmarks/plans/vit_gap.json  # another plan
 
 ``bench`` measures the three models of the speed target (PE vs dense twin, interleaved, in one process
 each) and writes one JSON file per measurement. ``train`` runs the protocol's training runs
-(docs/RESULTS.md, same flags as on the CPU) as ``--jobs`` concurrent processes on the one GPU, in the
-priority order of RUNS; at ``--deadline`` seconds the unfinished ones get SIGTERM, which makes
+(docs/RESULTS.md, same flags as on the CPU), or those of a ``--runs`` plan (a JSON list of [name, flags]),
+as ``--jobs`` concurrent processes on the one GPU, in priority order; at ``--deadline`` seconds the unfinished ones get SIGTERM, which makes
 ``rowcol train`` write a resumable checkpoint, and the next ``train`` call with the same ``--out``
 (on the same machine) resumes them. Run directories go to ``OUT/runs/<run>``.
 Concurrent runs share the GPU, so their wall times are not single-run costs.
