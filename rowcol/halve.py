@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, Mlp, trunc_normal_
 
 from rowcol.errors import RowcolError
 from rowcol.layers import ATTN_FORMS, PeAttention, PeMlp, TiedConv1x1, TiedLinear, TiedQKV, TiedT, pe_attention
@@ -212,6 +212,11 @@ class _Halver:
     def _fill_attn(self, name: str, pe: nn.Module, qkv: nn.Linear, proj: nn.Linear,
                    proj_bias: Optional[nn.Parameter] = None) -> None:
         """The tied pairs of a fused qkv + proj: (W_q, W_out), (W_k, W_v) for qo_kv, and so on."""
+        if self.init == 'scratch':  # the untied q, k of form 'vo' start like the tied W (timm's ViT init)
+            for lin in (m for m in pe.modules() if type(m) is nn.Linear):
+                trunc_normal_(lin.weight, std=.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
         q, k, v = _split(qkv, 3)
         kind, f = _kind(pe), self.attn
         if f == 'qo_kv':

@@ -342,3 +342,10 @@ def test_halved_models_export_and_build_on_meta(name):
         meta = halve(timm.create_model(name, num_classes=10, **kw))
     assert all(p.device.type == 'meta' for p in meta.parameters())
     assert count_params(meta) == count_params(halved)
+
+
+def test_scratch_init_of_untied_projections_matches_the_tied_ones():
+    halved = halve(_dense('swin_tiny_patch4_window7_224'), attn='vo')
+    qkv = halved.layers[0].blocks[0].attn.qkv
+    for lin in (qkv.q, qkv.k, qkv.vo):
+        assert lin.weight.std().item() == pytest.approx(0.02, rel=0.25) and not lin.bias.any()
