@@ -26,7 +26,7 @@ __all__ = ['TrainConfig', 'RECIPES', 'FIELD_HELP', 'RESUMABLE', 'MODEL_KWARGS', 
 # So: the arguments rowcol documents, plus timm options that only shape the network. The one list;
 # TrainConfig.validate and checkpoint.load_run both check it.
 MODEL_KWARGS = frozenset({
-    # ViT-PE ablations (rowcol/models/vit.py, README)
+    # ViT-PE ablations (rowcol/models/vit.py, docs/MODELS.md)
     'attn_form', 'mlp_act', 'tie_mlp', 'use_scale',
     # ResNet and ResNet-PE (rowcol/models/resnet.py: ResNetPE.__init__)
     'layers', 'widths', 'pe_stages', 'tie', 'stem', 'zero_init_last',
