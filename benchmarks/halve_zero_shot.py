@@ -29,10 +29,11 @@ def main() -> None:
     for run in a.runs:
         model, config = load_run(run)
         cfg = config_from_dict(config, str(run / 'config.json'))
-        dense = evaluate(model.to(dev), *_loader(run, cfg, a.data), dev)['top1']
+        loader = _loader(run, cfg, a.data)  # decoded once, scored twice
+        dense = evaluate(model.to(dev), loader, dev)['top1']
         halve(model, attn=a.attn, init='dense')
         rel = [r['rel_error'] for r in model.halve_report.tied]
-        halved = evaluate(model.to(dev), *_loader(run, cfg, a.data), dev)['top1']
+        halved = evaluate(model.to(dev), loader, dev)['top1']
         print(json.dumps(dict(run=str(run), dense_top1=dense, halved_top1=halved, attn=a.attn,
                               params=model.halve_report.params_after, rel_error_mean=sum(rel) / len(rel))))
 
@@ -41,7 +42,7 @@ def _loader(run: Path, cfg, data: str):
     d = model_defaults(cfg.model)
     loader, _ = build_eval_data(data, cfg, cfg.img_size or d['input_size'][-1], d['mean'], d['std'],
                                 json.loads((run / 'split.json').read_text()))
-    return (loader,)
+    return loader
 
 
 if __name__ == '__main__':

@@ -16,9 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from rowcol.checkpoint import write_json
-from rowcol.halve import halve
-from rowcol.models import create_model, dense_twin
+from rowcol.checkpoint import build_run_model, write_json
+from rowcol.models import dense_twin
 from rowcol.stats import count_params
 from rowcol.train import plot_curves, read_metrics
 
@@ -28,10 +27,7 @@ def summarize(root: Path) -> list[dict]:
     for run in sorted(p for p in root.iterdir() if (p / 'config.json').is_file()):
         cfg = json.loads((run / 'config.json').read_text())
         rows = read_metrics(run)
-        model = create_model(cfg['model'], img_size=cfg.get('img_size'), num_classes=cfg['num_classes'],
-                             **cfg.get('model_kwargs', {}))
-        if cfg.get('halve'):
-            halve(model, attn=cfg.get('halve_attn', 'qo_kv'), use_scale=bool(cfg.get('halve_scale')))
+        model = build_run_model(cfg, run / 'config.json')
         last = rows[-1] if rows else {}
         teacher, init_from = (Path(cfg[k]).name if cfg.get(k) else None for k in ('teacher', 'init_from'))
         runs.append(dict(run=run.name, model=cfg['model'], dense=dense_twin(cfg['model']), seed=cfg['seed'],

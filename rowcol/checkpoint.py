@@ -37,7 +37,7 @@ from safetensors.torch import load_model, save_model
 from rowcol.errors import CheckpointError, ConfigError, RunLockedError
 
 __all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights', 'weights_digest',
-           'save_state', 'load_state', 'load_run', 'RunLock', 'mark_run', 'is_run_dir', 'remove_leftovers',
+           'save_state', 'load_state', 'load_run', 'build_run_model', 'RunLock', 'mark_run', 'is_run_dir', 'remove_leftovers',
            'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG', 'MARKER', 'LOCK']
 
 MARKER = 'rowcol_run.json'
@@ -167,16 +167,22 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
 
     Returns the model in eval mode and the run's config dict.
     """
-    from rowcol.config import check_model_kwargs
-    from rowcol.models import create_model
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f'{run_dir}: not a run directory')
     files = {'last': WEIGHTS, 'best': BEST, 'ema': EMA}
     if which not in files:
         raise CheckpointError(f"unknown weights '{which}', expected one of {sorted(files)}")
-    cfg_path = run_dir / CONFIG
-    config = read_json(cfg_path)
+    config = read_json(run_dir / CONFIG)
+    model = build_run_model(config, run_dir / CONFIG)
+    load_weights(model, run_dir / files[which])
+    return model.eval(), config
+
+
+def build_run_model(config: dict, cfg_path: str | Path = CONFIG) -> nn.Module:
+    """The model a run's ``config.json`` describes (halved if it says so), with fresh weights."""
+    from rowcol.config import check_model_kwargs
+    from rowcol.models import create_model
     if not isinstance(config, dict) or not isinstance(config.get('model'), str):
         raise CheckpointError(f"{cfg_path}: needs a string 'model' key")
     kwargs = config.get('model_kwargs') or {}
@@ -193,8 +199,7 @@ def load_run(run_dir: str | Path, which: str = 'last') -> tuple[nn.Module, dict]
             halve(model, attn=config.get('halve_attn', 'qo_kv'), use_scale=bool(config.get('halve_scale')))
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:
         raise CheckpointError(f"{cfg_path}: cannot build {config['model']} ({_first_line(e)})") from None
-    load_weights(model, run_dir / files[which])
-    return model.eval(), config
+    return model
 
 
 # ---------------------------------------------------------------------------- run directories

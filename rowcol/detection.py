@@ -68,9 +68,6 @@ def fpn_backbone(model: nn.Module, out_channels: int = 256) -> FpnBackbone:
     if not all(hasattr(model, n) for n in layers):
         raise ValueError(f'fpn_backbone: {type(model).__name__} has neither ViT blocks nor layer1-layer4')
     from torchvision.models.feature_extraction import create_feature_extractor
+    channels = {f['module']: f['num_chs'] for f in getattr(model, 'feature_info', [])}  # timm's, per stage
     body = create_feature_extractor(model, return_nodes={n: str(i) for i, n in enumerate(layers)})
-    with torch.no_grad():  # the channels of each level, from one small forward
-        was = model.training
-        shapes = [t.shape[1] for t in body.eval()(torch.zeros(1, 3, 64, 64)).values()]
-        body.train(was)
-    return FpnBackbone(body, shapes, out_channels)
+    return FpnBackbone(body, [channels[n] for n in layers], out_channels)

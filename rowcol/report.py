@@ -11,15 +11,12 @@ from rowcol.stats import count_macs, count_params, input_size_of
 __all__ = ['param_rows', 'format_table']
 
 
-def _measure(name: str, num_classes: Optional[int], img_size: Optional[int],
-             halve_attn: Optional[str] = None) -> tuple[int, int, Optional[list]]:
-    """Params and MACs of ``name`` (halved with ``halve_attn`` if given), and what halve left dense."""
-    kwargs = {} if num_classes is None else {'num_classes': num_classes}
-    model = create_model(name, img_size=img_size, **kwargs)
-    if halve_attn is not None:
-        halve(model, attn=halve_attn)
-    left = [f"{r['name']}: {r['reason']}" for r in model.halve_report.dense] if halve_attn is not None else None
-    return count_params(model), count_macs(model, input_size_of(model, img_size)), left
+def _build(name: str, num_classes: Optional[int], img_size: Optional[int]):
+    return create_model(name, img_size=img_size, **({} if num_classes is None else {'num_classes': num_classes}))
+
+
+def _measure(model, img_size: Optional[int]) -> tuple[int, int]:
+    return count_params(model), count_macs(model, input_size_of(model, img_size))
 
 
 def param_rows(models: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
@@ -27,22 +24,23 @@ def param_rows(models: Optional[Sequence[str]] = None, num_classes: Optional[int
     """One dict per model: model, params, dense, dense_params, ratio, macs, dense_macs.
 
     With ``halve_attn`` (a form, or 'dense'), each model is a dense timm model measured as it is
-    and halved (:func:`rowcol.halve`); ``left_dense`` lists the pairs halve could not tie.
+    and then halved (:func:`rowcol.halve`); ``left_dense`` lists the pairs halve could not tie.
     """
     rows = []
     for name in models or pe_models():
+        model = _build(name, num_classes, img_size)
         if halve_attn is not None:
-            dense_params, dense_macs, _ = _measure(name, num_classes, img_size)
-            params, macs, left = _measure(name, num_classes, img_size, halve_attn)
+            dense_params, dense_macs = _measure(model, img_size)
+            params, macs = _measure(halve(model, attn=halve_attn), img_size)
             rows.append(dict(model=f'{name} (halved)', params=params, dense=name, dense_params=dense_params,
                              ratio=round(params / dense_params, 4), macs=macs, dense_macs=dense_macs,
-                             left_dense=left))
+                             left_dense=[f"{r['name']}: {r['reason']}" for r in model.halve_report.dense]))
             continue
-        params, macs, _ = _measure(name, num_classes, img_size)
+        params, macs = _measure(model, img_size)
         dense = dense_twin(name)
         dense_params = dense_macs = ratio = None
         if dense:
-            dense_params, dense_macs, _ = _measure(dense, num_classes, img_size)
+            dense_params, dense_macs = _measure(_build(dense, num_classes, img_size), img_size)
             ratio = round(params / dense_params, 4)
         rows.append(dict(model=name, params=params, dense=dense, dense_params=dense_params,
                          ratio=ratio, macs=macs, dense_macs=dense_macs))

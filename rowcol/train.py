@@ -382,13 +382,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------- train
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def _build_model(cfg: TrainConfig, num_classes: int, halved: bool = True) -> nn.Module:
+    """The run's model, with fresh weights; with ``cfg.halve`` halved unless ``halved=False`` (for
+    ``--init-from``, which halves the dense run's weights itself)."""
     try:
         model = create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
                              drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:  # timm asserts on bad sizes
         raise ConfigError(f'--model {cfg.model} with --model-kwargs {json.dumps(cfg.model_kwargs)}: {e}') from None
-    if cfg.halve and not cfg.init_from:
+    if cfg.halve and halved:
         halve(model, attn=cfg.halve_attn, init='scratch', use_scale=cfg.halve_scale)
     return model
 
@@ -529,11 +531,10 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, overwrite: bool, progre
     data = build_data(cfg, img_size, defaults['mean'], defaults['std'], d, progress=progress and d.main)
     num_classes = len(data.classes)
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = _build_model(cfg, num_classes)
-    if cfg.init_from and not resume:
-        model = _init_from(cfg, model, data.classes)
-    elif cfg.init_from:
-        halve(model, attn=cfg.halve_attn, init='scratch', use_scale=cfg.halve_scale)  # weights come from the state
+    if cfg.init_from and not resume:  # a resumed run takes its weights from the state instead
+        model = _init_from(cfg, _build_model(cfg, num_classes, halved=False), data.classes)
+    else:
+        model = _build_model(cfg, num_classes)
     teacher = _load_teacher(cfg, data.classes, device) if cfg.teacher else None
     if cfg.channels_last is None:
         cfg.channels_last = not hasattr(model, 'patch_embed')  # CNNs run faster channels_last

@@ -55,7 +55,7 @@ def test_init_from_starts_at_the_halved_dense_weights(dense_run, tmp_path):
     from rowcol.train import _build_model, _init_from
     cfg = resolve_config('digits', model=DENSE, halve=True, init_from=str(dense_run))
     classes = json.loads((dense_run / 'config.json').read_text())['classes']
-    model = _init_from(cfg, _build_model(cfg, len(classes)), classes)
+    model = _init_from(cfg, _build_model(cfg, len(classes), halved=False), classes)
     dense = create_model(DENSE, num_classes=len(classes))
     load_weights(dense, dense_run / 'model.safetensors')
     expected = halve(copy.deepcopy(dense), init='dense')
