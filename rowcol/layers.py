@@ -101,9 +101,7 @@ class TiedLinear(nn.Module):
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
 
     def conv_t(self, x: torch.Tensor, bias=_OWN) -> torch.Tensor:
-        return self._conv_t(x, self.bias_t if bias is _OWN else bias)
-
-    def _conv_t(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        bias = self.bias_t if bias is _OWN else bias
         # (B, out, H, W) -> (B, in, H, W). conv2d would copy the strided Wᵀ view to a contiguous
         # weight on every call (forward and backward); channels_last input is (B, H, W, out) in
         # memory, so a linear over its last dim applies Wᵀ with no copy and stays channels_last.
