@@ -1,13 +1,15 @@
-"""Markdown tables for docs/PERFORMANCE.md from the JSON that benchmarks/performance.sh wrote.
+"""Markdown tables for docs/PERFORMANCE.md from the JSON of benchmarks/performance.sh or speed_table.py.
 
-    python benchmarks/perf_tables.py docs/perf
+    python benchmarks/perf_tables.py docs/perf     # bench-*.json, loop-*.json, export-*.json of a folder
 """
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
 
 
-def _mb(b):
+def _mb(b: float) -> str:
     return f'{b / 2 ** 20:.1f}'
 
 
@@ -51,6 +53,11 @@ def export_table(d: Path) -> str:
     return '\n'.join(lines)
 
 
-if __name__ == '__main__':
-    d = Path(sys.argv[1] if len(sys.argv) > 1 else 'docs/perf')
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    d = Path(args[0] if args else 'docs/perf')
     print(bench_table(d), '', loop_table(d), '', export_table(d), sep='\n')
+
+
+if __name__ == '__main__':
+    main()

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rowcol.bench import _Runner, _sync
+from rowcol.bench import Runner, sync
 from rowcol.models import dense_twin
 from rowcol.runtime import resolve_device
 
@@ -27,17 +27,17 @@ from rowcol.runtime import resolve_device
 def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels_last: bool,
              device: torch.device, warmup: int = 3, steps: int = 5) -> dict[str, float]:
     """Self time in ms per step of each op name over ``steps`` profiled steps of model ``name``."""
-    r = _Runner(name, mode=mode, device=device, batch_size=batch_size, img_size=None, num_classes=None,
-                amp=amp, compile=False, channels_last=channels_last, optimizer='sgd')
+    r = Runner(name, mode=mode, device=device, batch_size=batch_size, img_size=None, num_classes=None,
+               amp=amp, compile=False, channels_last=channels_last, optimizer='sgd')
     for _ in range(warmup):
         r.step()
-    _sync(device)
+    sync(device)
     cuda = device.type == 'cuda'
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
             r.step()
-        _sync(device)
+        sync(device)
     times: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else e.self_cpu_time_total

@@ -17,10 +17,10 @@ twin's matrices for the same slot when a dense run is given (``--dense-checkpoin
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -28,12 +28,12 @@ import torch.nn as nn
 from rowcol import checkpoint as ckpt
 from rowcol.config import config_from_dict
 from rowcol.errors import CheckpointError
-from rowcol.layers import TiedLinear, tied_modules
+from rowcol.layers import PeAttention, TiedLinear, TiedQKV, tied_modules
 from rowcol.models import model_defaults
 from rowcol.pipeline import build_eval_data
 from rowcol.runtime import resolve_device
 
-__all__ = ['outside_fraction', 'stable_rank', 'analyze_run', 'plot_analysis']
+__all__ = ['outside_fraction', 'stable_rank', 'analyze_run']  # the figure: rowcol.plots.plot_analysis
 
 
 class _Energy:
@@ -76,12 +76,17 @@ def _record(model: nn.Module):
     for name, m in tied_modules(model):
         wrap(name, m, 'forward_t', False)
         wrap(name, m, 'conv_t', True)
+    fused = [m for m in model.modules() if isinstance(m, (PeAttention, TiedQKV))]
+    for m in fused:  # one GEMM per projection, so that every Wᵀ use passes through forward_t
+        m.fused_qkv = m.fused = False
     try:
         yield stats
     finally:
         for _, m in tied_modules(model):
             m.__dict__.pop('forward_t', None)
             m.__dict__.pop('conv_t', None)
+        for m in fused:
+            del m.fused_qkv, m.fused
 
 
 def _spectrum(w: torch.Tensor) -> list[float]:
@@ -93,7 +98,7 @@ def stable_rank(singular_values: list[float]) -> float:
     return sum(s * s for s in singular_values) / max(max(singular_values) ** 2, 1e-300)
 
 
-def _dense_matrices(name: str, dense: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+def _dense_matrices(name: str, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The dense twin's matrices (2-D) that do the job of the tied W ``name``, by key; None when the
     tied role has no dense counterpart (e.g. the attention forms other than the authors')."""
     d = name.rsplit('.', 1)[0] if name.endswith('.weight') else name
@@ -118,7 +123,7 @@ def _dense_matrices(name: str, dense: dict[str, torch.Tensor]) -> Optional[dict[
     return out
 
 
-def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: Optional[tuple[int, int]] = None,
+def _dense_slots(name: str, dense: dict[str, torch.Tensor], shape: tuple[int, int] | None = None,
                  source: str = 'the dense checkpoint') -> dict[str, list[float]]:
     """Spectra of the dense twin's matrices that do the job of the tied W ``name``.
 
@@ -155,13 +160,12 @@ def _check_depth(model: nn.Module, dense: dict[str, torch.Tensor], source: str) 
                               f'this run {mine} (leave out --dense-checkpoint to analyze the run alone)')
 
 
-def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] = None, num_images: int = 512,
-                batch_size: int = 128, device: Optional[str] = None, progress: bool = False) -> dict:
+def analyze_run(run_dir: str | Path, data: str, dense_run: str | Path | None = None, num_images: int = 512,
+                batch_size: int = 128, device: str | None = None, progress: bool = False) -> dict:
     """Per tied layer: outside-column-space energy fraction on real images, and spectra."""
     run_dir = Path(run_dir)
     model, config = ckpt.load_run(run_dir)
     cfg = config_from_dict(config, str(run_dir / ckpt.CONFIG))
-    cfg.batch_size = batch_size
     defaults = model_defaults(cfg.model)
     img_size = cfg.img_size or defaults['input_size'][-1]
     dense = {}
@@ -172,7 +176,8 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
     dense_svs = {name: _dense_slots(name, dense, tuple(m.weight.flatten(1).shape), f'--dense-checkpoint {dense_run}')
                  for name, m in tied_modules(model)}
     # a stratified subset: every class, not the first num_images files of a class-sorted folder
-    loader, _ = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], progress=progress,
+    data_cfg = dataclasses.replace(cfg.data_config(), batch_size=batch_size)
+    loader, _ = build_eval_data(data, data_cfg, img_size, defaults['mean'], defaults['std'], progress=progress,
                                 limit=num_images)
     dev = resolve_device(device)
     model.to(dev).eval()
@@ -196,26 +201,3 @@ def analyze_run(run_dir: str | Path, data: str, dense_run: Optional[str | Path] 
             dense_stable_rank={k: stable_rank(v) for k, v in dense_sv.items()}))
     return dict(checkpoint=str(run_dir), model=cfg.model, data=str(data), num_images=seen,
                 dense_checkpoint=str(dense_run) if dense_run else None, layers=layers)
-
-
-def plot_analysis(result: dict, path: str | Path) -> None:
-    """Left: outside fraction per tied layer. Right: normalised spectra (W solid, dense dashed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    layers = [r for r in result['layers'] if r['outside_fraction'] is not None]
-    fig = Figure(figsize=(11, 4))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.bar(range(len(layers)), [r['outside_fraction'] for r in layers])
-    ax1.set_xticks(range(len(layers)), [r['name'] for r in layers], rotation=90, fontsize=6)
-    ax1.set(ylabel='energy outside col(W)', title=f"{result['model']}: what Wᵀ receives")
-    for r in layers[:: max(1, len(layers) // 6)]:
-        sv = torch.tensor(r['singular_values'])
-        line, = ax2.plot((sv / sv[0]).tolist(), label=r['name'])
-        for k, dsv in r['dense_singular_values'].items():
-            dsv = torch.tensor(dsv)
-            ax2.plot((dsv / dsv[0]).tolist(), '--', color=line.get_color(), alpha=.6)
-    ax2.set(xlabel='index', ylabel='σ / σ_max', title='singular values (dashed: dense twin)')
-    ax2.legend(fontsize=6)
-    fig.tight_layout()
-    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))

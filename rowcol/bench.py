@@ -54,9 +54,9 @@ from rowcol.errors import ConfigError
 from rowcol.halve import halve
 from rowcol.models import create_model, dense_twin
 from rowcol.runtime import autocast, resolve_device
-from rowcol.stats import count_macs, count_params, input_size_of
+from rowcol.stats import count_macs, count_params, input_size_of, tensor_bytes
 
-__all__ = ['bench', 'weight_copy_ops', 'format_bench', 'format_copies', 'add_arguments', 'run',
+__all__ = ['bench', 'weight_copy_ops', 'format_bench', 'format_copies', 'add_arguments', 'run', 'Runner', 'sync',
            'MODES', 'DEFAULTS']
 
 MODES = ('infer', 'train')
@@ -79,7 +79,8 @@ def _build(name: str, img_size: Optional[int], num_classes: Optional[int]) -> nn
     return create_model(name, img_size=img_size, **kwargs)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the queued work of ``device`` (CUDA); a no-op on the CPU."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -137,11 +138,11 @@ def _step_peak(fn: Callable[[], None], device: torch.device) -> tuple[Optional[i
     """(peak memory growth while ``fn`` runs, method); see the module docstring."""
     gc.collect()
     if device.type == 'cuda':
-        _sync(device)
+        sync(device)
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - start, 'cuda_max_allocated'
     _malloc_trim()
     reset = _reset_hwm()
@@ -158,19 +159,17 @@ def _state_bytes(model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     if opt is not None:
         tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    return tensor_bytes(tensors)
 
 
 # ----------------------------------------------------------------------------------------
 # one model under test
 
-class _Runner:
+class Runner:
+    """One model under test, built as :func:`bench` builds it: on ``device`` with a random batch
+    (and labels, and an optimizer in ``train`` mode); :meth:`step` runs one step of ``mode``,
+    :meth:`one` one batch-1 inference call, :meth:`timed` seconds for ``n`` calls of a function."""
+
     def __init__(self, name: str, *, mode: str, device: torch.device, batch_size: int,
                  img_size: Optional[int], num_classes: Optional[int], amp: Optional[str],
                  compile: bool, channels_last: bool, optimizer: str) -> None:
@@ -217,11 +216,11 @@ class _Runner:
             self.fn(self.x1)
 
     def timed(self, fn: Callable[[], None], n: int) -> float:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - t0
 
 
@@ -318,7 +317,7 @@ def _bench(model: str, vs: Optional[str], *, mode: str, device: torch.device, ba
            channels_last: bool, repeats: int, warmup: int, steps: int, latency_iters: int,
            optimizer: str) -> dict:
     names = [model] + ([vs] if vs else [])
-    runners = [_Runner(name, mode=mode, device=device, batch_size=batch_size, img_size=img_size,
+    runners = [Runner(name, mode=mode, device=device, batch_size=batch_size, img_size=img_size,
                        num_classes=num_classes, amp=amp, compile=compile, channels_last=channels_last,
                        optimizer=optimizer) for name in names]
     for _ in range(max(1, warmup)):  # also compiles, and creates the optimizer state

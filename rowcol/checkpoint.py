@@ -14,7 +14,8 @@ A run directory holds::
     metrics.jsonl          one line per epoch
     curves.png             loss / accuracy curves
 
-Every file is written to a temporary name in the same directory and renamed into place,
+Every file is written to a temporary name in the same directory and renamed into place
+(:func:`rowcol.fileio.atomic_write`, re-exported here),
 so a kill at any instant leaves the previous checkpoint loadable; the training loop writes
 ``train_state.pt`` last, so a checkpoint counts only once all its files are in place. Each
 weights file carries a sha256 of its tensors in its header, checked on every load.
@@ -25,9 +26,8 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,10 +35,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from rowcol.errors import CheckpointError, ConfigError, RunLockedError
+from rowcol.fileio import atomic_write, write_json  # re-exported: the writes every run file goes through
 
 __all__ = ['atomic_write', 'write_json', 'read_json', 'save_weights', 'load_weights', 'weights_digest',
-           'save_state', 'load_state', 'load_run', 'build_run_model', 'RunLock', 'mark_run', 'is_run_dir', 'remove_leftovers',
-           'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG', 'MARKER', 'LOCK']
+           'save_state', 'load_state', 'load_run', 'build_run_model', 'RunLock', 'mark_run', 'is_run_dir',
+           'remove_leftovers', 'WEIGHTS', 'BEST', 'EMA', 'STATE', 'CONFIG', 'MARKER', 'LOCK']
 
 MARKER = 'rowcol_run.json'
 LOCK = '.rowcol.lock'
@@ -47,42 +48,6 @@ WEIGHTS = 'model.safetensors'
 BEST = 'model_best.safetensors'
 EMA = 'model_ema.safetensors'
 STATE = 'train_state.pt'
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool = True) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, rename it to ``path``.
-
-    With ``overwrite=False`` an existing ``path`` (even one that appeared while writing) is
-    never replaced: ``FileExistsError``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run directory is meant to be shared
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path exists: never clobbers a file that appeared meanwhile
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2)
-            f.write('\n')
-    atomic_write(path, write)
 
 
 def read_json(path: str | Path) -> Any:
@@ -108,7 +73,7 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors file of ``model``'s state; ``save_model`` keeps one copy of any shared tensor.
 
     The header's metadata carries :func:`weights_digest`, so the checksum is renamed into place
@@ -245,9 +210,9 @@ class RunLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
 
-    def acquire(self) -> Optional[str]:
+    def acquire(self) -> str | None:
         """Take the lock, or raise :class:`RunLockedError` naming the holder; returns the stale
         holder's line (``pid N on HOST``) when one was taken over, else None."""
         import fcntl
@@ -286,6 +251,6 @@ class RunLock:
         self.release()
 
 
-def _lock_holder(fd: int) -> Optional[str]:
+def _lock_holder(fd: int) -> str | None:
     text = os.pread(fd, 200, 0).decode(errors='replace').strip()
     return text or None

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from rowcol.errors import ConfigError, Interrupted, RowcolError
 
@@ -34,38 +34,30 @@ def _add_params(sub) -> None:
 
 
 def _config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``); default None = not given."""
-    import dataclasses
-    import typing
-
-    from rowcol.config import FIELD_HELP, TrainConfig
-    hints = typing.get_type_hints(TrainConfig)
+    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``), converting to the field's
+    type (:data:`rowcol.config.FIELD_TYPES`); default None = not given."""
+    from rowcol.config import FIELD_HELP, FIELD_TYPES
     g = p.add_argument_group('run config (defaults come from --recipe; see rowcol/config.py)')
-    for f in dataclasses.fields(TrainConfig):
-        flag = '--' + f.name.replace('_', '-')
-        kind = hints[f.name]
-        optional = typing.get_origin(kind) is typing.Union
-        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
-        kw: dict = dict(default=None, help=FIELD_HELP.get(f.name, ''), dest=f.name)
+    for name, (base, _) in FIELD_TYPES.items():
+        kw: dict = dict(default=None, help=FIELD_HELP.get(name, ''), dest=name)
         if base is bool:
             kw['action'] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is dict or base is dict:
+        elif base is dict:
             kw.update(type=json.loads, metavar='JSON')
         else:
-            kw.update(type=base, metavar=f.name.split('_')[-1].upper())
-        g.add_argument(flag, **kw)
+            kw.update(type=base, metavar=name.split('_')[-1].upper())
+        g.add_argument('--' + name.replace('_', '-'), **kw)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    import dataclasses
-
-    from rowcol.config import TrainConfig
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-            if getattr(args, f.name, None) is not None}
+    """The config flags given on the command line (typed by argparse)."""
+    from rowcol.config import FIELD_TYPES
+    return {name: getattr(args, name) for name in FIELD_TYPES if getattr(args, name, None) is not None}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rowcol.train import resume_config, run_train
+    from rowcol.rundir import load_run_config, resume_config
+    from rowcol.train import run_train
     if args.resume:
         cfg, output = resume_config(args.resume, _overrides(args)), args.resume
     else:
@@ -73,7 +65,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides = _overrides(args)
         overrides.pop('recipe', None)
         if overrides.get('init_from'):  # the dense run's architecture, halved
-            from rowcol.train import load_run_config
             run = load_run_config(overrides['init_from'])
             overrides.setdefault('halve', True)
             if 'model' not in overrides:
@@ -96,7 +87,8 @@ def _add_train(sub) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rowcol.evaluate import evaluate_file, evaluate_run, plot_confusion
+    from rowcol.evaluate import evaluate_file, evaluate_run
+    from rowcol.plots import plot_confusion
     if (args.checkpoint is None) == (args.model is None):
         raise ConfigError('eval: give --checkpoint RUN_DIR, or --model NAME --weights FILE')
     if args.checkpoint is not None:
@@ -220,7 +212,8 @@ def _add_export(sub) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from rowcol.analyze import analyze_run, plot_analysis
+    from rowcol.analyze import analyze_run
+    from rowcol.plots import plot_analysis
     res = analyze_run(args.checkpoint, args.data, dense_run=args.dense_checkpoint, num_images=args.num_images,
                       device=args.device)
     if args.plot != '':
@@ -269,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -15,16 +15,19 @@ import platform
 import signal
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from rowcol import checkpoint as ckpt
 from rowcol.config import TrainConfig
 from rowcol.errors import ConfigError, Interrupted, RunExistsError
+from rowcol.fileio import write_text
 from rowcol.models import create_model, dense_twin, model_defaults
+from rowcol.plots import plot_curves, read_metrics
+from rowcol.rundir import resume_config
+from rowcol.runtime import Stop
 from rowcol.stats import count_macs, count_params
-from rowcol.train import Stop, plot_curves, read_metrics, resume_config, train
+from rowcol.train import train
 
 __all__ = ['compare', 'format_report', 'PE_ONLY_KWARGS']
 
@@ -73,9 +76,9 @@ def format_report(report: dict) -> str:
     return '\n'.join(lines)
 
 
-def compare(cfg: TrainConfig, output: str | Path, dense: Optional[str] = None, resume: bool = False,
+def compare(cfg: TrainConfig, output: str | Path, dense: str | None = None, resume: bool = False,
             overwrite: bool = False, progress: bool = True, command: str = '',
-            resume_overrides: Optional[dict] = None) -> dict:
+            resume_overrides: dict | None = None) -> dict:
     """Train ``dense`` (default: the twin of ``cfg.model``) and ``cfg.model`` alike; write the report.
 
     With ``resume``, a run that has a checkpoint continues (taking ``resume_overrides``, the
@@ -112,6 +115,6 @@ def compare(cfg: TrainConfig, output: str | Path, dense: Optional[str] = None, r
         machine=f'{platform.machine()} {platform.processor() or ""} {torch.get_num_threads()} threads'.strip(),
         torch=torch.__version__, threads=torch.get_num_threads(), command=command))
     ckpt.write_json(output / 'report.json', report)
-    ckpt.atomic_write(output / 'report.md', lambda tmp: Path(tmp).write_text(format_report(report) + '\n'))
+    write_text(output / 'report.md', format_report(report) + '\n')
     plot_curves(output / 'curves.png', curves)
     return report

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable
 
 from rowcol.errors import ConfigError
 
-__all__ = ['TrainConfig', 'RECIPES', 'FIELD_HELP', 'RESUMABLE', 'MODEL_KWARGS', 'check_model_kwargs', 'resolve_config',
-           'config_from_dict']
+__all__ = ['TrainConfig', 'DataConfig', 'RECIPES', 'FIELD_HELP', 'FIELD_TYPES', 'RESUMABLE', 'MODEL_KWARGS', 'NAMED',
+           'check_model_kwargs', 'resolve_config', 'config_from_dict', 'absolute_path']
+
+NAMED = ('digits', 'cifar10', 'cifar100')  # the datasets --data takes by name (no folder)
 
 # The only keys --model-kwargs (a run's ``model_kwargs``) may hold. timm.create_model takes any
 # keyword, among them checkpoint_path (torch.load of any file), pretrained, pretrained_cfg,
@@ -53,24 +58,30 @@ def check_model_kwargs(kwargs: Any, where: str = 'model_kwargs') -> None:
 
 @dataclass
 class TrainConfig:
+    """One training run, every setting typed; the defaults are the ``cifar_vit`` recipe's.
+
+    Resolved once (:func:`resolve_config`, :func:`config_from_dict`) and then not changed:
+    whatever derives a new value (``rowcol train`` making data paths absolute, choosing
+    channels_last) makes a new config with ``dataclasses.replace``.
+    """
     # what to train, on what
     model: str = 'vit_pe_nano_patch4_32'
     data: str = 'digits'            # ImageFolder root, 'digits', 'cifar10' or 'cifar100'
-    val_data: Optional[str] = None  # a separate validation ImageFolder
-    val_split: Optional[float] = None  # fraction held out (stratified, seeded) when no val data
+    val_data: str | None = None     # a separate validation ImageFolder
+    val_split: float | None = None  # fraction held out (stratified, seeded) when no val data
     split_seed: int = 0             # seed of that split: fixed, so runs of any --seed share it
-    subset: Optional[int] = None    # train on a stratified subset of this many images
-    img_size: Optional[int] = None  # default: the model's
-    in_memory: Optional[bool] = None  # decode once into RAM; default: images of <= 64 px
+    subset: int | None = None       # train on a stratified subset of this many images
+    img_size: int | None = None     # default: the model's
+    in_memory: bool | None = None   # decode once into RAM; default: images of <= 64 px
     skip_bad_images: bool = False
     max_bad_images: int = 100
     workers: int = 2                # DataLoader workers for streamed (not in-memory) data
     # recipe
     recipe: str = 'cifar_vit'
-    epochs: int = 30
+    epochs: int = 25
     batch_size: int = 128           # global, over all processes
     opt: str = 'adamw'
-    lr: Optional[float] = None
+    lr: float | None = None
     base_lr: float = 1e-3
     lr_base_size: int = 512
     weight_decay: float = 0.05
@@ -82,38 +93,49 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
-    auto_augment: Optional[str] = None  # timm string, e.g. 'rand-m9-mstd0.5'
+    auto_augment: str | None = None  # timm string, e.g. 'rand-m9-mstd0.5'
     crop_padding: int = 4           # padded random crop (small images) / RandomResizedCrop (large)
     hflip: float = 0.5
     reprob: float = 0.0             # random erasing probability
     drop_path: float = 0.0
-    ema_decay: Optional[float] = None
-    clip_grad: Optional[float] = None
+    ema_decay: float | None = None
+    clip_grad: float | None = None
     # execution
     amp: str = 'none'               # none | bf16 | fp16 (CUDA only)
-    channels_last: Optional[bool] = None  # default: on for CNNs
+    channels_last: bool | None = None  # default: on for CNNs
     compile: bool = False
     grad_checkpointing: bool = False
-    device: Optional[str] = None    # default: cuda if available
+    device: str | None = None       # default: cuda if available
     seed: int = 0
     max_nonfinite: int = 5          # this many non-finite losses in a row abort the run
     save_every_steps: int = 0       # also checkpoint every N steps (0: once per epoch)
-    max_steps: Optional[int] = None  # stop (with a resumable checkpoint) after this many steps; 0: no limit
+    max_steps: int | None = None    # stop (with a resumable checkpoint) after this many steps; 0: no limit
     log: str = 'none'               # none | tensorboard (event files beside metrics.jsonl, the same scalars)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # halving and distillation
     halve: bool = False             # tie the model's layer pairs with rowcol.halve
     halve_attn: str = 'qo_kv'       # attention form for --halve: qo_kv | qk_vo | vo | dense
     halve_scale: bool = False       # per-use channel scales in the halved MLPs and attentions
-    init_from: Optional[str] = None  # a trained dense run: its weights, halved with init='dense'
-    teacher: Optional[str] = None   # a trained run: soft-target knowledge distillation from it
+    init_from: str | None = None    # a trained dense run: its weights, halved with init='dense'
+    teacher: str | None = None      # a trained run: soft-target knowledge distillation from it
     distill_alpha: float = 0.5      # loss = (1 - a) CE + a tau^2 KL (DeiT's soft distillation)
     distill_tau: float = 1.0
 
     def scaled_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / self.lr_base_size
 
-    def validate(self) -> 'TrainConfig':
+    def data_config(self) -> DataConfig:
+        """The part of this config that the data pipeline reads."""
+        return DataConfig.from_train(self)
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose data and run paths are absolute, so eval can tell a run's own data from any cwd."""
+        return dataclasses.replace(self, data=absolute_path(self.data), val_data=absolute_path(self.val_data),
+                                   init_from=absolute_path(self.init_from), teacher=absolute_path(self.teacher))
+
+    def validate(self) -> TrainConfig:
+        """``self`` if every value has its field's type and range, else :class:`ConfigError`."""
+        check_types(dataclasses.asdict(self))
         checks = [
             (self.epochs >= 1, 'epochs must be >= 1'),
             (self.batch_size >= 1, 'batch_size must be >= 1'),
@@ -229,7 +251,7 @@ def cifar_vit() -> dict:
     (seeds 0, 1; docs/RESULTS.md).
     """
     return dict(opt='adamw', base_lr=1e-3, lr_base_size=512, weight_decay=0.05, sched='cosine',
-                warmup_epochs=2, label_smoothing=0.1, crop_padding=4, hflip=0.5, epochs=30,
+                warmup_epochs=2, label_smoothing=0.1, crop_padding=4, hflip=0.5, epochs=25,
                 batch_size=128)
 
 
@@ -243,7 +265,7 @@ def cifar_resnet() -> dict:
     """
     return dict(opt='nesterov', base_lr=0.2, lr_base_size=256, weight_decay=5e-4, momentum=0.9,
                 sched='cosine', warmup_epochs=1, label_smoothing=0.1, crop_padding=4, hflip=0.5,
-                epochs=25, batch_size=128)
+                epochs=30, batch_size=128)
 
 
 def digits() -> dict:
@@ -263,6 +285,42 @@ RECIPES: dict[str, Callable[[], dict]] = {
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+def _field_type(hint: Any) -> tuple[type, bool]:
+    """``(base type, None allowed)`` of a field annotation: ``int``, ``float | None``, ``dict[str, Any]``."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (typing.get_origin(hint) or hint), optional
+
+
+# Every field's type, as (base type, None allowed): what config values are checked against, and
+# what the command line's flags convert to.
+FIELD_TYPES: dict[str, tuple[type, bool]] = {
+    name: _field_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items() if name in _FIELDS}
+
+
+def _has_type(value: Any, base: type) -> bool:
+    if base is float:  # an int is a float (JSON writes 2.0 as 2); a bool is not a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def _type_name(name: str) -> str:
+    base, optional = FIELD_TYPES[name]
+    return base.__name__ + (' or None' if optional else '')
+
+
+def check_types(values: dict, where: str = 'config') -> None:
+    """:class:`ConfigError` naming every key of ``values`` whose value has not its field's type
+    (int, float (an int too), bool (only True or False), str, dict; None where the field allows it)."""
+    wrong = [f'{k} must be {_type_name(k)}, got {type(v).__name__} {v!r}' for k, v in values.items()
+             if k in FIELD_TYPES and not (v is None and FIELD_TYPES[k][1]) and not _has_type(v, FIELD_TYPES[k][0])]
+    if wrong:
+        raise ConfigError(f"{where}: wrong type: {'; '.join(wrong)}")
+
+
 def _check_keys(d: dict, where: str) -> None:
     unknown = sorted(set(d) - _FIELDS)
     if unknown:
@@ -271,10 +329,11 @@ def _check_keys(d: dict, where: str) -> None:
         raise ConfigError(f"{where}: unknown config key(s): {', '.join(hints)}")
 
 
-def resolve_config(recipe: Optional[str] = None, **overrides: Any) -> TrainConfig:
+def resolve_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe, then ``overrides`` (``None`` values mean "not given")."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_keys(overrides, 'overrides')
+    check_types(overrides, 'overrides')
     recipe = recipe or TrainConfig.recipe
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe '{recipe}', expected one of {sorted(RECIPES)}")
@@ -287,4 +346,36 @@ def config_from_dict(d: dict, where: str = 'config') -> TrainConfig:
     written = ('classes', 'num_classes', 'rowcol_version', 'world_size', 'device_used')
     d = {k: v for k, v in d.items() if k not in written}
     _check_keys(d, where)
+    check_types(d, where)
     return TrainConfig(**d).validate()
+
+
+def absolute_path(path: str | None) -> str | None:
+    """``path`` made absolute (user and links resolved); None and the names in :data:`NAMED` as they are."""
+    return path if path is None or path in NAMED else str(Path(path).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the data pipeline (:mod:`rowcol.pipeline`) reads: the data, its split and subset, how it is
+    decoded and batched, and its augmentation. Defaults as :class:`TrainConfig`'s."""
+    data: str = 'digits'                # ImageFolder root, or one of NAMED
+    val_data: str | None = None         # a separate validation ImageFolder
+    val_split: float | None = None      # fraction of data held out for validation
+    split_seed: int = 0
+    subset: int | None = None           # train on a stratified subset of this many images
+    in_memory: bool | None = None       # decode once into RAM; default: images of <= 64 px
+    skip_bad_images: bool = False
+    max_bad_images: int = 100
+    workers: int = 2                    # DataLoader workers for streamed data
+    batch_size: int = 128               # global, over all processes
+    seed: int = 0                       # data order, augmentation draws, --subset
+    crop_padding: int = 4
+    hflip: float = 0.5
+    auto_augment: str | None = None
+    reprob: float = 0.0                 # random erasing (in the transform of streamed data)
+
+    @classmethod
+    def from_train(cls, cfg: Any) -> DataConfig:
+        """The data part of ``cfg``: a :class:`TrainConfig`, or anything with these fields."""
+        return cfg if isinstance(cfg, cls) else cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})

@@ -38,7 +38,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from rowcol.checkpoint import atomic_write
+from rowcol.fileio import atomic_write
 from rowcol.errors import BadImageError, ConfigError, DataError
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""``rowcol eval``: score a run directory, or a timm model's weights file, on a folder of class folders.
+"""Scoring: the evaluation loop (:func:`evaluate`, which training runs every epoch too), and ``rowcol
+eval``: score a run directory, or a timm model's weights file, on a folder of class folders.
 
 Reuses the run's validation split (``split.json``) when ``--data`` is the run's own training
 data (the same path, or a copy elsewhere with the same file names and sizes), so the numbers
@@ -8,21 +9,59 @@ the test set). Class names must match the checkpoint's, in order.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from rowcol import checkpoint as ckpt
-from rowcol.config import config_from_dict
+from rowcol.config import NAMED, DataConfig, config_from_dict
 from rowcol.data import load_split
 from rowcol.errors import CheckpointError, DataError
 from rowcol.models import model_defaults
-from rowcol.pipeline import NAMED, build_eval_data, data_fingerprint
-from rowcol.runtime import resolve_device
-from rowcol.train import evaluate
+from rowcol.pipeline import build_eval_data, data_fingerprint
+from rowcol.runtime import Dist, all_reduce_sum, autocast, resolve_device
 
-__all__ = ['evaluate_run', 'evaluate_file', 'load_weights_file', 'plot_confusion']
+__all__ = ['evaluate', 'evaluate_run', 'evaluate_file', 'load_weights_file']
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = 'none', d: Dist = Dist(),
+             num_classes: int | None = None, channels_last: bool = False, progress: bool = False) -> dict:
+    """Loss, top-1, top-5 (percent) over the whole loader; a confusion matrix if ``num_classes``."""
+    model.eval()
+    sums = [0., 0., 0., 0.]  # loss, top1, top5, n
+    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.long)
+    for x, y in tqdm(loader.batches(), total=len(loader), desc='eval', disable=not (progress and d.main)):
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out = model(x).float()
+        k = min(5, out.shape[1])
+        topk = out.topk(k, dim=1).indices  # (B, k)
+        hit = topk == y[:, None]
+        sums[0] += F.cross_entropy(out, y, reduction='sum').item()
+        sums[1] += hit[:, 0].sum().item()
+        sums[2] += hit.any(1).sum().item()
+        sums[3] += len(y)
+        if num_classes:
+            confusion += torch.bincount(y.cpu() * num_classes + topk[:, 0].cpu(),
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+    sums = all_reduce_sum(sums, d, device)
+    if d.world > 1 and num_classes:
+        confusion = confusion.to(device)
+        dist.all_reduce(confusion)
+        confusion = confusion.cpu()
+    n = max(sums[3], 1)
+    result = dict(loss=sums[0] / n, top1=100 * sums[1] / n, top5=100 * sums[2] / n, num_images=int(sums[3]))
+    if num_classes:
+        result['confusion'] = confusion
+    return result
 
 
 def _same_path(data: str, run_data: str) -> bool:
@@ -41,7 +80,7 @@ def _same_files(data: str, record: dict) -> bool:
         return False
 
 
-def _run_split(split_file: Path, split: str, data: str, run_data: str) -> Optional[dict]:
+def _run_split(split_file: Path, split: str, data: str, run_data: str) -> dict | None:
     """The run's split record if ``split`` asks for it (``val``) or ``data`` is the run's own
     training data (``auto``); else None."""
     if split == 'all':
@@ -60,7 +99,7 @@ def _run_split(split_file: Path, split: str, data: str, run_data: str) -> Option
 
 
 def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: str = 'auto',
-                 batch_size: Optional[int] = None, device: Optional[str] = None, progress: bool = False) -> dict:
+                 batch_size: int | None = None, device: str | None = None, progress: bool = False) -> dict:
     """top1, top5, loss, num_images, per_class (class -> top-1 %) and the confusion matrix.
 
     ``split``: ``val`` scores the run's saved validation split of ``data`` (its training data),
@@ -72,11 +111,12 @@ def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: s
     model, config = ckpt.load_run(run_dir, weights)
     cfg = config_from_dict(config, str(run_dir / ckpt.CONFIG))
     record = _run_split(run_dir / 'split.json', split, data, cfg.data)
+    data_cfg = cfg.data_config()
     if batch_size:
-        cfg.batch_size = batch_size
+        data_cfg = dataclasses.replace(data_cfg, batch_size=batch_size)
     defaults = model_defaults(cfg.model)
     img_size = cfg.img_size or defaults['input_size'][-1]
-    loader, classes = build_eval_data(data, cfg, img_size, defaults['mean'], defaults['std'], record,
+    loader, classes = build_eval_data(data, data_cfg, img_size, defaults['mean'], defaults['std'], record,
                                       progress=progress)
     if classes != config['classes']:
         extra = sorted(set(classes) - set(config['classes']))
@@ -89,7 +129,7 @@ def evaluate_run(run_dir: str | Path, data: str, weights: str = 'last', split: s
     return res
 
 
-def _score(model, loader, classes: list[str], device: Optional[str], amp: str, channels_last: bool,
+def _score(model, loader, classes: list[str], device: str | None, amp: str, channels_last: bool,
            progress: bool) -> dict:
     dev = resolve_device(device)
     model.to(dev)
@@ -144,40 +184,16 @@ def load_weights_file(model: torch.nn.Module, path: str | Path, ema: bool = Fals
 
 
 def evaluate_file(model_name: str, weights: str | Path, data: str, ema: bool = False, batch_size: int = 256,
-                  img_size: Optional[int] = None, device: Optional[str] = None, progress: bool = False) -> dict:
+                  img_size: int | None = None, device: str | None = None, progress: bool = False) -> dict:
     """Score a weights file of timm model ``model_name`` (e.g. what timm's train.py writes) on the
     evaluation part of ``data``; the model gets one output per class of ``data``."""
-    from rowcol.config import TrainConfig
     from rowcol.models import create_model
     defaults = model_defaults(model_name)
     size = img_size or defaults['input_size'][-1]
-    cfg = TrainConfig(model=model_name, data=data, batch_size=batch_size, img_size=img_size)
-    loader, classes = build_eval_data(data, cfg, size, defaults['mean'], defaults['std'], None, progress=progress)
+    loader, classes = build_eval_data(data, DataConfig(data=data, batch_size=batch_size), size, defaults['mean'],
+                                      defaults['std'], None, progress=progress)
     model = create_model(model_name, img_size=img_size, num_classes=len(classes))
     what = load_weights_file(model, weights, ema)
     res = _score(model.eval(), loader, classes, device, 'none', False, progress)
     res.update(split='all', weights=f'{weights} ({what})', checkpoint=model_name, data=str(data))
     return res
-
-
-def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = '') -> None:
-    """Row-normalised confusion matrix as a PNG (rows: true class, columns: predicted)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    c = torch.tensor(confusion, dtype=torch.float64)
-    norm = c / c.sum(1, keepdim=True).clamp(min=1)
-    n = len(classes)
-    fig = Figure(figsize=(1 + 0.5 * n, 0.8 + 0.45 * n))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.imshow(norm.numpy(), cmap='Blues', vmin=0, vmax=1)
-    if n <= 20:
-        ax.set_xticks(range(n), classes, rotation=90)
-        ax.set_yticks(range(n), classes)
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(c[i, j]), ha='center', va='center', fontsize=7,
-                        color='white' if norm[i, j] > 0.5 else 'black')
-    ax.set(xlabel='predicted', ylabel='true', title=title)
-    fig.tight_layout()
-    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))

@@ -70,7 +70,7 @@ from rowcol.checkpoint import atomic_write, load_run
 from rowcol.errors import ConfigError, RowcolError
 from rowcol.layers import tied_modules
 from rowcol.models import create_model
-from rowcol.stats import count_params, input_size_of
+from rowcol.stats import count_params, input_size_of, tensor_bytes
 
 __all__ = ['export_model', 'export_onnx_bytes', 'check_onnx', 'onnx_max_abs_diff', 'model_name_of',
            'FORMATS', 'add_arguments', 'run']
@@ -99,21 +99,9 @@ def _num_classes_of(model: nn.Module) -> Optional[int]:
     return int(n) if isinstance(n, int) else None
 
 
-def _distinct(tensors) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
-
-
 def _expected_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the distinct parameters, bytes of the floating-point buffers)."""
-    p = sum(t.numel() * t.element_size() for t in _distinct(model.parameters()))
-    b = sum(t.numel() * t.element_size() for t in _distinct(model.buffers()) if t.is_floating_point())
-    return p, b
+    return tensor_bytes(model.parameters()), tensor_bytes(t for t in model.buffers() if t.is_floating_point())
 
 
 def _check_output(path: Path, overwrite: bool) -> None:

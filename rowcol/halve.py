@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -54,7 +53,7 @@ class HalveReport:
     dense: list[dict] = field(default_factory=list)  # name, kind, reason
     params_before: int = 0
     params_after: int = 0
-    attn: Optional[str] = 'qo_kv'
+    attn: str | None = 'qo_kv'
     init: str = 'scratch'
 
     def __str__(self) -> str:
@@ -89,7 +88,7 @@ def _is_1x1(layer: nn.Module) -> bool:
             and layer.groups == 1 and layer.padding in ((0, 0), 'valid'))
 
 
-def _pair_ok(l1: nn.Module, l2: nn.Module) -> Optional[str]:
+def _pair_ok(l1: nn.Module, l2: nn.Module) -> str | None:
     """None when ``l2`` can be ``l1``ᵀ, else the reason it cannot."""
     if type(l1) is not type(l2) or not (isinstance(l1, nn.Linear) or _is_1x1(l1) and _is_1x1(l2)):
         return f'{_kind(l1)} and {_kind(l2)} are not two Linear or two 1×1 conv layers'
@@ -100,7 +99,7 @@ def _pair_ok(l1: nn.Module, l2: nn.Module) -> Optional[str]:
 
 
 class _Halver:
-    def __init__(self, model: nn.Module, mlp: bool, attn: Optional[str], init: str, use_scale: bool) -> None:
+    def __init__(self, model: nn.Module, mlp: bool, attn: str | None, init: str, use_scale: bool) -> None:
         self.model, self.mlp, self.attn, self.init, self.use_scale = model, mlp, attn, init, use_scale
         self.report = HalveReport(attn=attn, init=init)
 
@@ -113,7 +112,7 @@ class _Halver:
 
     @torch.no_grad()
     def _fill(self, name: str, kind: str, w: TiedLinear, l1: nn.Module, l2: nn.Module,
-              b1: Optional[nn.Parameter], b2: Optional[nn.Parameter]) -> None:
+              b1: nn.Parameter | None, b2: nn.Parameter | None) -> None:
         """W from (l1, l2) for init='dense' (and the biases into b1, b2); a report row either way."""
         row = dict(name=name, kind=kind, saved=_mat(l2).numel())
         if self.init == 'dense':
@@ -210,7 +209,7 @@ class _Halver:
         m.q, m.kv, m.proj = q, kv, proj
 
     def _fill_attn(self, name: str, pe: nn.Module, qkv: nn.Linear, proj: nn.Linear,
-                   proj_bias: Optional[nn.Parameter] = None) -> None:
+                   proj_bias: nn.Parameter | None = None) -> None:
         """The tied pairs of a fused qkv + proj: (W_q, W_out), (W_k, W_v) for qo_kv, and so on."""
         if self.init == 'scratch':  # the untied q, k of form 'vo' start like the tied W (timm's ViT init)
             for lin in (m for m in pe.modules() if type(m) is nn.Linear):
@@ -291,7 +290,7 @@ def _split(fused: nn.Linear, parts: int) -> list[SimpleNamespace]:
             for i in range(parts)]
 
 
-def halve(model: nn.Module, *, mlp: bool = True, attn: Optional[str] = 'qo_kv', init: str = 'scratch',
+def halve(model: nn.Module, *, mlp: bool = True, attn: str | None = 'qo_kv', init: str = 'scratch',
           use_scale: bool = False) -> nn.Module:
     """Tie every eligible layer pair of ``model`` in place; returns ``model`` (with ``halve_report``).
 

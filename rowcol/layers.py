@@ -24,12 +24,12 @@ Both are drop-in ``mlp_layer`` / ``attn_layer`` types for timm's ``VisionTransfo
 """
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from torch.fx import _symbolic_trace
 
 __all__ = ['TiedLinear', 'TiedT', 'TiedQKV', 'PeMlp', 'PeAttention', 'ATTN_FORMS', 'pe_attention', 'tied_modules']
@@ -89,7 +89,7 @@ class TiedLinear(nn.Module):
         # (..., out) -> (..., in): row space, same W; ``bias``: another use's bias (TiedT), else bias_t
         return self._apply_t(x, self.bias_t if bias is _OWN else bias)
 
-    def _apply_t(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def _apply_t(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x Wᵀᵀ = x W, so W itself is the right-hand matrix: the same GEMM as F.linear(x, W.t()),
         # but under autocast the bf16 cast of the leaf W is the cached one of forward (a W.t() view
         # is not a leaf and was cast again per call).
@@ -155,7 +155,8 @@ class TiedT(nn.Module):
 
 
 def _qkv(m: nn.Module, form: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V from the projections of ``m`` (a PeAttention or TiedQKV) under tie pattern ``form``."""
+    """Q, K, V from the projections of ``m`` (a PeAttention or TiedQKV) under tie pattern ``form``,
+    one GEMM per projection (the reference the fused path is tested against)."""
     if form == 'qo_kv':
         return m.q(x), m.kv(x), m.kv.forward_t(x)  # Q = W_q x, K = W_kv x, V = W_kvᵀ x
     if form == 'qk_vo':
@@ -163,13 +164,47 @@ def _qkv(m: nn.Module, form: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return m.q(x), m.k(x), m.vo(x)  # 'vo': only V (and the output) tied
 
 
+def _qkv_operands(m: nn.Module, form: str, parts: str = 'qkv') -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of each projection as ``F.linear`` takes them, in the order of :func:`_qkv`;
+    a Wᵀ use is the transposed view of the one W (no copy here)."""
+    if parts == 'kv':
+        return [(m.kv.weight, m.kv.bias), (m.kv.weight.t(), m.kv.bias_t)]  # K = W x, V = Wᵀ x
+    if form == 'qo_kv':
+        return [(m.q.weight, m.q.bias), (m.kv.weight, m.kv.bias), (m.kv.weight.t(), m.kv.bias_t)]
+    if form == 'qk_vo':
+        return [(m.qk.weight, m.qk.bias), (m.qk.weight.t(), m.qk.bias_t), (m.vo.weight, m.vo.bias)]
+    return [(m.q.weight, m.q.bias), (m.k.weight, m.k.bias), (m.vo.weight, m.vo.bias)]
+
+
+def fused_projection(x: torch.Tensor, operands: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """``[x W1ᵀ + b1 | x W2ᵀ + b2 | ...]`` as one GEMM, (..., d) -> (..., sum of outs), as timm's fused qkv.
+
+    The weights are concatenated per call (O(d²) copies against the GEMM's O(tokens · d²));
+    autograd hands each use's slice of the gradient back to its W, so a W used twice gets the sum.
+    """
+    weight = torch.cat([w for w, _ in operands])  # (sum of outs, d): W and Wᵀ side by side
+    biases = [b for _, b in operands]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for (w, _), b in zip(operands, biases)])
+    return F.linear(x, weight, bias)
+
+
+def _fuse(x: torch.Tensor) -> bool:
+    # ONNX export folds the concatenation of initialisers into a constant that holds W twice;
+    # export keeps the per-projection GEMMs, which read each W once
+    return not torch.onnx.is_in_onnx_export()
+
+
 class TiedQKV(nn.Module):
     """A fused-qkv replacement ((..., d) -> (..., 3d), [q | k | v]) made of tied projections.
 
     For attention modules whose forward reads one ``qkv`` output (Swin's window attention,
     PVT-v2's ``kv`` with ``parts='kv'``). The output projection becomes a :class:`TiedT` of
-    :attr:`out_src`. Forms as :data:`ATTN_FORMS`.
+    :attr:`out_src`. Forms as :data:`ATTN_FORMS`. ``fused``: one GEMM for all projections
+    (:func:`fused_projection`), else one per projection; same outputs and gradients.
     """
+    fused: bool = True
 
     def __init__(self, dim: int, form: str = 'qo_kv', bias: bool = True, parts: str = 'qkv',
                  device=None, dtype=None) -> None:
@@ -194,13 +229,15 @@ class TiedQKV(nn.Module):
             self.vo = TiedLinear(dim, dim, bias=bias, bias_t=False, **dd)  # W_v: V; W_vᵀ: out (TiedT)
 
     @property
-    def out_src(self) -> Optional[TiedLinear]:
+    def out_src(self) -> TiedLinear | None:
         """The TiedLinear whose transpose is the output projection (None for parts='kv')."""
         if self.parts == 'kv':
             return None
         return self.q if self.form == 'qo_kv' else self.vo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and _fuse(x):
+            return fused_projection(x, _qkv_operands(self, self.form, self.parts))  # (..., 3d) or (..., 2d)
         if self.parts == 'kv':
             return torch.cat([self.kv(x), self.kv.forward_t(x)], dim=-1)  # (..., 2d): [K | V]
         return torch.cat(_qkv(self, self.form, x), dim=-1)  # (..., 3d): [Q | K | V]
@@ -216,29 +253,30 @@ class PeMlp(nn.Module):
     def __init__(
             self,
             in_features: int,
-            hidden_features: Optional[int] = None,
-            out_features: Optional[int] = None,
+            hidden_features: int | None = None,
+            out_features: int | None = None,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            bias: bool = True,
-            drop: float = 0.,
+            norm_layer: Type[nn.Module] | None = None,
+            bias: bool | tuple[bool, bool] = True,
+            drop: float | tuple[float, float] = 0.,
+            use_conv: bool = False,
             use_scale: bool = False,
             device=None,
             dtype=None,
-            **kwargs,
     ) -> None:
         super().__init__()
         if out_features not in (None, in_features):
             raise ValueError(f'PeMlp: out_features ({out_features}) must equal in_features '
                              f'({in_features}); Wᵀ maps back to the input width')
-        if kwargs.get('use_conv'):
-            raise ValueError('PeMlp: use_conv is not supported')
+        if use_conv:
+            raise ValueError('PeMlp: use_conv=True is not supported (halve() ties 1x1-conv MLPs in place)')
+        bias, drop = to_2tuple(bias), to_2tuple(drop)  # (W map, Wᵀ map), as timm's Mlp (fc1, fc2)
         hidden_features = hidden_features or in_features
-        self.fc = TiedLinear(in_features, hidden_features, bias=bias, bias_t=bias, device=device, dtype=dtype)
+        self.fc = TiedLinear(in_features, hidden_features, bias=bias[0], bias_t=bias[1], device=device, dtype=dtype)
         self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = nn.Dropout(drop[0])
         self.norm = norm_layer(hidden_features, device=device, dtype=dtype) if norm_layer else nn.Identity()
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = nn.Dropout(drop[1])
         self.use_scale = use_scale
         if use_scale:  # per-use channel scales (rowcol's addition, not the paper's), start at one
             dd = {'device': device, 'dtype': dtype}
@@ -278,29 +316,37 @@ class PeAttention(nn.Module):
     form: str = 'qo_kv'
     scaled: bool = False  # the default of ``use_scale`` (a class attribute, like ``form``)
     fused_attn: bool = True
+    fused_qkv: bool = True  # Q, K, V in one GEMM (:func:`fused_projection`); False: one GEMM each
 
     def __init__(
             self,
             dim: int,
             num_heads: int = 8,
+            attn_head_dim: int | None = None,
+            dim_out: int | None = None,
             qkv_bias: bool = False,
             qk_norm: bool = False,
             scale_norm: bool = False,
             proj_bias: bool = True,
+            gated: bool = False,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            use_scale: Optional[bool] = None,
+            norm_layer: Type[nn.Module] | None = None,
+            use_scale: bool | None = None,
             device=None,
             dtype=None,
-            **kwargs,
     ) -> None:
         super().__init__()
         use_scale = self.scaled if use_scale is None else use_scale
         if dim % num_heads:
             raise ValueError(f'PeAttention: dim ({dim}) must be divisible by num_heads ({num_heads})')
-        if qk_norm or scale_norm:
-            raise ValueError('PeAttention: qk_norm / scale_norm are not supported')
+        if qk_norm or scale_norm or gated:
+            raise ValueError('PeAttention: qk_norm / scale_norm / gated are not supported')
+        if attn_head_dim not in (None, dim // num_heads):
+            raise ValueError(f'PeAttention: attn_head_dim must be dim // num_heads ({dim // num_heads}), got '
+                             f'{attn_head_dim}; the tied d×d matrices fix the attention width to dim')
+        if dim_out not in (None, dim):
+            raise ValueError(f'PeAttention: dim_out ({dim_out}) must equal dim ({dim}); W_qᵀ maps back to dim')
         if self.form not in ATTN_FORMS:
             raise ValueError(f"PeAttention: unknown form '{self.form}', expected one of {ATTN_FORMS}")
         dd = {'device': device, 'dtype': dtype}
@@ -326,15 +372,21 @@ class PeAttention(nn.Module):
             self.scale_out = nn.Parameter(torch.ones(dim, **dd))  # on the output projection
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_qkv and _fuse(x):  # one (B, N, d) x (d, 3d) GEMM, as timm's qkv Linear
+            q, k, v = fused_projection(x, _qkv_operands(self, self.form)).chunk(3, dim=-1)
+        else:
+            q, k, v = self._project_each(x)
+        if self.use_scale:
+            q, k, v = q * self.scale_qkv[0], k * self.scale_qkv[1], v * self.scale_qkv[2]
+        return q, k, v
+
+    def _project_each(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = None if is_fx_tracing() else x.device.type  # FX records the projections, not this cast
         if dev is not None and torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
             # Three projections read x where timm's fused qkv reads it once; autocast would cast x
             # to bf16 for each of them. Cast once (the three input gradients then sum in bf16).
             x = x.to(torch.get_autocast_dtype(dev))
-        q, k, v = _qkv(self, self.form, x)
-        if self.use_scale:
-            q, k, v = q * self.scale_qkv[0], k * self.scale_qkv[1], v * self.scale_qkv[2]
-        return q, k, v
+        return _qkv(self, self.form, x)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         x = self.q.forward_t(x) if self.form == 'qo_kv' else self.vo.forward_t(x)
@@ -343,7 +395,7 @@ class PeAttention(nn.Module):
     def forward(
             self,
             x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
+            attn_mask: torch.Tensor | None = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
         B, N, C = x.shape

@@ -1,4 +1,4 @@
-"""From a TrainConfig to batches: dataset resolution, splits, augmentation, loaders.
+"""From a :class:`~rowcol.config.DataConfig` to batches: dataset resolution, splits, augmentation, loaders.
 
 Small datasets (digits, CIFAR, any folder of images <= 64 px) are decoded once into a uint8
 tensor and batched by :class:`MemoryLoader`, which augments whole batches with tensor ops
@@ -16,24 +16,23 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rowcol.config import TrainConfig
+from rowcol.config import NAMED, DataConfig
 from rowcol.data import (MemoryData, Samples, decode_to_memory, files_fingerprint, find_image_folder,
                          load_digits_memory, load_image, load_torchvision_memory, scan_image_folder, stratified_split,
                          stratified_subset, FileDataset)
 from rowcol.errors import BadImageError, ConfigError, DataError
 from rowcol.runtime import Dist, barrier
 
-__all__ = ['DataBundle', 'MemoryLoader', 'StreamLoader', 'build_data', 'build_eval_data', 'eval_split', 'step_seed',
-           'seed_step_rngs']
+__all__ = ['DataConfig', 'DataBundle', 'MemoryLoader', 'StreamLoader', 'build_data', 'build_eval_data', 'eval_split',
+           'step_seed', 'seed_step_rngs', 'NAMED']
 
-NAMED = ('digits', 'cifar10', 'cifar100')
 MEMORY_MAX_PX = 64
 
 
@@ -45,7 +44,7 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
 class BatchAugment:
     """Padded random crop and horizontal flip of a uint8 batch, vectorised; RandAugment opt-in."""
 
-    def __init__(self, padding: int, hflip: float, auto_augment: Optional[str] = None,
+    def __init__(self, padding: int, hflip: float, auto_augment: str | None = None,
                  mean: tuple = (0.5, 0.5, 0.5)) -> None:
         self.padding, self.hflip = padding, hflip
         self.ra = None
@@ -100,7 +99,7 @@ class MemoryLoader:
     """Global batches of an in-memory dataset; this rank's slice of each, normalised."""
 
     def __init__(self, data: MemoryData, batch_size: int, train: bool, seed: int = 0,
-                 mean=(0.5,) * 3, std=(0.5,) * 3, augment: Optional[BatchAugment] = None,
+                 mean=(0.5,) * 3, std=(0.5,) * 3, augment: BatchAugment | None = None,
                  rank: int = 0, world: int = 1) -> None:
         if train and batch_size % world:
             raise ConfigError(f'batch_size ({batch_size}) must be divisible by the number of processes ({world})')
@@ -171,9 +170,9 @@ class StreamLoader:
 @dataclass
 class DataBundle:
     train: MemoryLoader | StreamLoader
-    val: Optional[MemoryLoader | StreamLoader]
+    val: MemoryLoader | StreamLoader | None
     classes: list[str]
-    split: Optional[dict]  # {'seed', 'val_frac', 'num_samples', 'train', 'val'} when split here
+    split: dict | None  # {'seed', 'val_frac', 'num_samples', 'train', 'val'} when split here
     skipped: list
 
     @property
@@ -218,14 +217,14 @@ def _small_images(samples: Samples, skip_bad: bool, max_bad: int) -> bool:
     raise DataError(f'the first {max_bad + 1} image files cannot be read, more than --max-bad-images={max_bad}')
 
 
-def _limit(data: MemoryData | Samples, limit: Optional[int]):
+def _limit(data: MemoryData | Samples, limit: int | None):
     """A stratified subset of at most ``limit`` images (seed 0); all of ``data`` without a limit."""
     labels = _labels(data)
     return _take(data, stratified_subset(labels, limit, 0)) if limit and limit < len(labels) else data
 
 
-def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int, progress: bool,
-                 limit: Optional[int] = None):
+def _load_source(path_or_name: str, split: str, cfg: DataConfig, img_size: int, progress: bool,
+                 limit: int | None = None):
     """A dataset (MemoryData or Samples) for a --data / --val-data value; with ``limit``, a
     stratified subset of at most that many images, chosen before decoding."""
     if path_or_name in NAMED:
@@ -240,7 +239,7 @@ def _load_source(path_or_name: str, split: str, cfg: TrainConfig, img_size: int,
     return data
 
 
-def data_fingerprint(data: str, expect: Optional[int] = None) -> Optional[str]:
+def data_fingerprint(data: str, expect: int | None = None) -> str | None:
     """:func:`rowcol.data.files_fingerprint` of the training images of an image folder; None for
     named datasets, and (without reading file sizes) when there are not ``expect`` images."""
     if data in NAMED:
@@ -263,7 +262,7 @@ def eval_split(data: str) -> str:
     return 'val' if _has_val_folder(data) else 'train'
 
 
-def _loader(data, cfg: TrainConfig, train: bool, img_size: int, mean, std, d: Dist):
+def _loader(data, cfg: DataConfig, train: bool, img_size: int, mean, std, d: Dist):
     if isinstance(data, MemoryData):
         aug = BatchAugment(cfg.crop_padding, cfg.hflip, cfg.auto_augment, mean) if train else None
         return MemoryLoader(data, cfg.batch_size, train, cfg.seed, mean, std, aug, d.rank, d.world)
@@ -276,12 +275,14 @@ def _loader(data, cfg: TrainConfig, train: bool, img_size: int, mean, std, d: Di
                         cfg.seed, cfg.workers, d.rank, d.world)
 
 
-def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), progress: bool = False) -> DataBundle:
+def build_data(cfg: DataConfig, img_size: int, mean, std, d: Dist = Dist(), progress: bool = False) -> DataBundle:
     """Training and validation loaders for ``cfg``; the validation split is made here if asked.
 
     Validation comes from ``--val-data``, else ``--val-split`` of the training data, else the
-    data's own evaluation part (:func:`eval_split`) when it has one.
+    data's own evaluation part (:func:`eval_split`) when it has one. ``cfg`` may also be a
+    TrainConfig (its data part is taken).
     """
+    cfg = DataConfig.from_train(cfg)
     if d.world > 1 and cfg.data in NAMED and not d.main:
         barrier(d)  # rank 0 downloads named datasets first
     train = _load_source(cfg.data, 'train', cfg, img_size, progress)
@@ -295,7 +296,8 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
         val = _load_source(cfg.val_data, eval_split(cfg.val_data), cfg, img_size, progress)
     elif cfg.val_split:
         tr_idx, va_idx = stratified_split(_labels(train), cfg.val_split, cfg.split_seed)
-        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx, val=va_idx)
+        split = dict(seed=cfg.split_seed, val_frac=cfg.val_split, num_samples=len(_labels(train)), train=tr_idx,
+                     val=va_idx)
         train, val = _take(train, tr_idx), _take(train, va_idx)
     elif eval_split(cfg.data) != 'train':
         val = _load_source(cfg.data, eval_split(cfg.data), cfg, img_size, progress)
@@ -312,14 +314,15 @@ def build_data(cfg: TrainConfig, img_size: int, mean, std, d: Dist = Dist(), pro
         classes=list(train.classes), split=split, skipped=skipped)
 
 
-def build_eval_data(data: str, cfg: TrainConfig, img_size: int, mean, std, split: Optional[dict] = None,
-                    d: Dist = Dist(), progress: bool = False, limit: Optional[int] = None):
+def build_eval_data(data: str, cfg: DataConfig, img_size: int, mean, std, split: dict | None = None,
+                    d: Dist = Dist(), progress: bool = False, limit: int | None = None):
     """A loader over ``data`` for evaluation, and its classes.
 
     With ``split`` (a run's ``split.json``), the validation indices of the run's training
     images; otherwise the data's evaluation part (:func:`eval_split`), of which ``limit`` keeps a
-    stratified subset.
+    stratified subset. ``cfg`` may also be a TrainConfig (its data part is taken).
     """
+    cfg = DataConfig.from_train(cfg)
     if split is None:
         source = _load_source(data, eval_split(data), cfg, img_size, progress, limit)
     else:

@@ -1,7 +1,7 @@
 """Tables for the command line and the reports: params and MACs, PE next to dense."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import rowcol  # noqa: F401  (registers models)
 from rowcol.halve import halve
@@ -11,16 +11,16 @@ from rowcol.stats import count_macs, count_params, input_size_of
 __all__ = ['param_rows', 'format_table']
 
 
-def _build(name: str, num_classes: Optional[int], img_size: Optional[int]):
+def _build(name: str, num_classes: int | None, img_size: int | None):
     return create_model(name, img_size=img_size, **({} if num_classes is None else {'num_classes': num_classes}))
 
 
-def _measure(model, img_size: Optional[int]) -> tuple[int, int]:
+def _measure(model, img_size: int | None) -> tuple[int, int]:
     return count_params(model), count_macs(model, input_size_of(model, img_size))
 
 
-def param_rows(models: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
-               img_size: Optional[int] = None, halve_attn: Optional[str] = None) -> list[dict]:
+def param_rows(models: Sequence[str] | None = None, num_classes: int | None = None,
+               img_size: int | None = None, halve_attn: str | None = None) -> list[dict]:
     """One dict per model: model, params, dense, dense_params, ratio, macs, dense_macs.
 
     With ``halve_attn`` (a form, or 'dense'), each model is a dense timm model measured as it is

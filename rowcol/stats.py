@@ -1,24 +1,38 @@
-"""Parameter and MAC counts, done once for the whole package.
+"""Parameter, MAC and tensor-byte counts, done once for the whole package.
 
 Parameters are counted over ``model.parameters()``, which yields a shared Parameter once;
 counting over ``state_dict()`` would count an aliased weight once per name. MACs come from
 ``torch.utils.flop_counter`` on a real forward pass (multiply-accumulates = FLOPs / 2), so a
-tied W costs what both of its uses cost.
+tied W costs what both of its uses cost. Bytes of tensors are counted once per distinct view.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_params', 'count_macs', 'input_size_of']
+__all__ = ['count_params', 'count_macs', 'input_size_of', 'tensor_bytes']
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of distinct parameters (a tied W counts once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors among ``tensors``: tensors that view the same storage at the same
+    offset with the same shape, stride and dtype (a tied W listed once per use, a Parameter and its
+    ``.data``) count once; any other view (a slice, a transpose) counts its own ``numel`` bytes."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def input_size_of(model: nn.Module, img_size: Optional[int] = None) -> tuple[int, int, int]:

@@ -5,11 +5,13 @@ import argparse
 import json
 
 import pytest
+import torch
 
-from rowcol.bench import add_arguments, bench, format_bench, format_copies, run, weight_copy_ops
+from rowcol.bench import Runner, add_arguments, bench, format_bench, format_copies, run, sync, weight_copy_ops
 from rowcol.errors import ConfigError, ModelNameError
-from rowcol.layers import tied_modules
+from rowcol.layers import PeAttention, tied_modules
 from rowcol.models import create_model
+from rowcol.stats import tensor_bytes
 
 PE, DENSE = 'vit_pe_micro_patch4_16', 'vit_micro_patch4_16'
 # One thread: on a busy shared CPU, two OpenMP threads can stall each other by orders of magnitude.
@@ -122,11 +124,16 @@ def test_weight_copy_ops_linear_tie_copies_nothing():
     assert rep['step_ms'] > 0 and PE in format_copies(rep)
 
 
-def test_bf16_autocast_casts_each_tied_weight_once_per_forward():
-    """W and Wᵀ share autocast's cached bf16 cast of the leaf W: one cast per tied W, not one per use."""
-    rep = weight_copy_ops(PE, amp='bf16', threads=1, timing_steps=1)
+def test_bf16_autocast_casts_each_tied_weight_once_per_forward(monkeypatch):
+    """W and Wᵀ share autocast's cached bf16 cast of the leaf W: one cast per tied W, not one per use.
+    With Q, K, V fused, W_kv is cast only inside the concatenated operand (a (3d, d) tensor)."""
     tied = {f'{n}.weight' for n, _ in tied_modules(create_model(PE))}
+    rep = weight_copy_ops(PE, amp='bf16', threads=1, timing_steps=1)
     casts = [op for op in rep['forward']['ops'] if tied & set(op['weights'])]  # matched by shape
+    assert len(casts) == 8 and len(tied) == 12  # 4 blocks x (W_q for the output, MLP W)
+    monkeypatch.setattr(PeAttention, 'fused_qkv', False)  # one GEMM per projection
+    rep = weight_copy_ops(PE, amp='bf16', threads=1, timing_steps=1)
+    casts = [op for op in rep['forward']['ops'] if tied & set(op['weights'])]
     assert len(casts) == len(tied) == 12  # 4 blocks x (W_q, W_kv, MLP W); one more per Wᵀ use before
 
 
@@ -134,3 +141,22 @@ def test_weight_copy_ops_conv_tie_copies_nothing_channels_last():
     # channels_last (the training default for CNNs): conv_t is a linear over the channel dim, no W copy
     rep = weight_copy_ops('resnet26_pe_cifar', timing_steps=1, threads=1, channels_last=True)
     assert rep['forward']['copies'] == 0 and not _tied_weight_copies(rep, 'resnet26_pe_cifar')
+
+
+def test_tensor_bytes_counts_each_view_once():
+    w, b = torch.zeros(4, 3), torch.zeros(5, dtype=torch.float64)
+    assert tensor_bytes([w, w, w.view(4, 3), w.detach(), b]) == 48 + 40  # the same view of one storage: once
+    assert tensor_bytes([w, w[:2]]) == 48 + 24  # another view counts its own bytes
+    model = create_model(PE)
+    uses = [m.weight for _, m in tied_modules(model) for _ in range(2)]  # each tied W, once per use
+    assert tensor_bytes(uses) == sum(m.weight.numel() * 4 for _, m in tied_modules(model))
+
+
+def test_runner_steps_and_state_bytes():
+    r = Runner(PE, mode='train', device=torch.device('cpu'), batch_size=2, img_size=None, num_classes=None,
+               amp=None, compile=False, channels_last=False, optimizer='sgd')
+    r.step()
+    sync(r.device)
+    assert r.x.shape == (2, 3, 16, 16) and r.params == sum(p.numel() for p in r.model.parameters())
+    state = list(r.model.parameters()) + [s['momentum_buffer'] for s in r.opt.state.values()]
+    assert tensor_bytes(state) == 2 * 4 * r.params  # fp32 weights and SGD momentum, a tied W once each

@@ -1,28 +1,159 @@
-"""benchmarks/: profile_pair.py (the op-time comparison, and the script end to end on a tiny model),
-perf_tables.py (the bench table) and gpu_session.py (which benches run, in which order)."""
+"""benchmarks/: run_experiments.py (plans; deadline, SIGTERM and resume with real ``rowcol train``
+runs), speed_table.py (which benches run in which order; a tiny table end to end; profiles),
+profile_pair.py (the op-time comparison) and perf_tables.py (the bench table)."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-import gpu_session  # noqa: E402
 import perf_tables  # noqa: E402
 import profile_pair  # noqa: E402
+import run_experiments  # noqa: E402
+import speed_table  # noqa: E402
+
+from rowcol.cli import build_parser  # noqa: E402
+from rowcol.models import dense_twin  # noqa: E402
+
+MICRO = 'vit_pe_micro_patch4_16'
+TINY_PAIRS = [('micro-infer', ['--model', MICRO, '--mode', 'infer'], 2, 2),
+              ('micro-train', ['--model', MICRO, '--mode', 'train'], 2, 2)]
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # for the rowcol processes the scripts start
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
+
+# ---------------------------------------------------------------------------- run_experiments.py
+
+@pytest.mark.parametrize('plan', ['cifar10_protocol.json', 'vit_gap.json'])
+def test_plans_are_rowcol_train_commands(plan) -> None:
+    runs = run_experiments.load_plan(ROOT / 'benchmarks' / 'plans' / plan)
+    assert runs and not any(name.endswith(('-h100', '-h200')) for name, _ in runs)  # no machine in the names
+    for name, flags in runs:
+        args = build_parser().parse_args(['train', *flags])
+        assert args.val_split == 0.1 and args.data is None and args.output is None, name
+
+
+def _run_dir(d: Path, epochs: int, done: int) -> None:
+    d.mkdir(parents=True)
+    (d / 'config.json').write_text(json.dumps({'epochs': epochs}))
+    (d / 'metrics.jsonl').write_text(''.join(json.dumps({'epoch': i + 1}) + '\n' for i in range(done)))
+
+
+def test_runner_skips_done_runs_and_starts_none_past_the_deadline(tmp_path, monkeypatch) -> None:
+    plan = tmp_path / 'plan.json'
+    plan.write_text(json.dumps([['a', ['--epochs', '1']], ['b', ['--epochs', '1']], ['c', ['--epochs', '1']]]))
+    _run_dir(tmp_path / 'done' / 'a-gpu', epochs=1, done=1)
+    _run_dir(tmp_path / 'done' / 'b', epochs=2, done=1)  # one epoch of two: not finished
+    monkeypatch.setattr(run_experiments.subprocess, 'Popen', lambda *a, **k: pytest.fail('started a run'))
+    out = tmp_path / 'out'
+    rc = run_experiments.main([str(plan), '--out', str(out), '--done', str(tmp_path / 'done'), '--suffix', 'gpu',
+                               '--only', 'a', 'b', '--deadline', '0'])
+    status = json.loads((out / 'status.json').read_text())['runs']
+    assert rc == 1 and set(status) == {'a', 'b'}
+    assert status['a'] == {'finished': True, 'skipped': str(tmp_path / 'done' / 'a-gpu')}
+    assert status['b'] == {'finished': False, 'not_started': True}
+    with pytest.raises(SystemExit):
+        run_experiments.main([str(plan), '--out', str(out), '--only', 'd'])
+
+
+def test_runner_stops_at_the_deadline_and_the_next_call_resumes(tmp_path, one_thread) -> None:
+    flags = ['--model', 'vit_pe_nano_patch4_32', '--recipe', 'digits', '--subset', '640', '--batch-size', '32',
+             '--epochs', '1', '--save-every-steps', '1']
+    plan = tmp_path / 'plan.json'
+    plan.write_text(json.dumps([['nano', flags]]))
+    out = tmp_path / 'out'
+    run_dir, log = out / 'nano', out / 'nano.log'
+    # the deadline passes as soon as the run has a checkpoint: SIGTERM lands inside training
+    first = run_experiments.run_plan(run_experiments.load_plan(plan), out, data='digits', device='cpu',
+                                     deadline=1., min_left=0., poll=0.05,
+                                     clock=lambda: 10. if (run_dir / 'train_state.pt').exists() else 0.)
+    assert first['nano']['stopped'] and first['nano']['rc'] == 128 + signal.SIGTERM, log.read_text()
+    assert not first['nano']['finished'] and not (run_dir / 'metrics.jsonl').exists()
+    second = run_experiments.run_plan(run_experiments.load_plan(plan), out, data='digits', device='cpu', poll=0.1)
+    assert second['nano']['rc'] == 0 and second['nano']['finished'], log.read_text()
+    commands = [line for line in log.read_text().splitlines() if line.startswith('$ ')]
+    assert len(commands) == 2 and '--output' in commands[0] and f'--resume {run_dir}' in commands[1]
+    assert len((run_dir / 'metrics.jsonl').read_text().splitlines()) == 1
+    assert run_experiments.main([str(plan), '--out', str(out), '--data', 'digits']) == 0  # finished: skipped
+    assert log.read_text().count('$ ') == 2
+
+
+# ---------------------------------------------------------------------------- speed_table.py
+
+@pytest.mark.parametrize('setting', speed_table.SETTINGS)
+def test_speed_table_commands_are_rowcol_bench_commands_of_pe_models(setting) -> None:
+    for name, flags, *batches in speed_table.PAIRS:
+        cmd = speed_table.bench_cmd(flags, batches[0], setting, 'cuda', speed_table.TIMING['cuda'])
+        args = build_parser().parse_args(cmd[3:])
+        assert dense_twin(args.model) and args.vs is None and args.json, name  # the twin is the default --vs
+        assert (args.amp, args.compile) == ('bf16' if 'bf16' in setting else None, 'compile' in setting)
+        assert (args.device, args.steps, args.batch_size) == ('cuda', 5, batches[0])
+
+
+def test_speed_table_prewarms_then_runs_compiled_first_in_the_order_given(tmp_path, monkeypatch) -> None:
+    calls, prewarmed = [], []
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps({'ratio_img_per_s': 1.0}), ''
+
+    monkeypatch.setattr(speed_table.subprocess, 'run', lambda cmd, **kw: calls.append(cmd) or Done())
+    monkeypatch.setattr(speed_table, 'prewarm', lambda cmds, limit: prewarmed.append((cmds, limit)))
+    monkeypatch.setattr(speed_table, 'bench_table', lambda d: 'table')
+    assert speed_table.main(['--out', str(tmp_path), '--device', 'cuda', '--only', 'r50-infer', 'vit_tiny32-train',
+                             '--prewarm', '100', '--deadline', '600']) == 0
+    assert [(c[c.index('--model') + 1], '--compile' in c) for c in prewarmed[0][0]] == [
+        ('resnet50_pe', True), ('vit_pe_tiny_patch4_32', True)] and prewarmed[0][1] == 100
+    assert all(c[c.index('--amp') + 1] == 'bf16' for c in calls)
+    got = [(c[c.index('--model') + 1], c[c.index('--mode') + 1], c[c.index('--batch-size') + 1], '--compile' in c)
+           for c in calls]
+    assert got == [('resnet50_pe', 'infer', '128', True), ('vit_pe_tiny_patch4_32', 'train', '256', True),
+                   ('resnet50_pe', 'infer', '128', False), ('vit_pe_tiny_patch4_32', 'train', '256', False)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        'bench-r50-infer-bf16-compile.json', 'bench-r50-infer-bf16.json',
+        'bench-vit_tiny32-train-bf16-compile.json', 'bench-vit_tiny32-train-bf16.json', 'table.md']
+    calls.clear()
+    assert speed_table.main(['--out', str(tmp_path / 'late'), '--device', 'cpu', '--deadline', '10']) == 1
+    assert calls == []  # under 20 s left: nothing starts
+
+
+def test_speed_table_measures_two_tiny_pairs(tmp_path, monkeypatch, one_thread, capsys) -> None:
+    monkeypatch.setattr(speed_table, 'PAIRS', TINY_PAIRS)
+    assert speed_table.main(['--out', str(tmp_path), '--device', 'cpu', '--settings', 'fp32', '--warmup', '0',
+                             '--steps', '1', '--repeats', '1', '--latency-iters', '1']) == 0
+    for name, mode in (('micro-infer', 'infer'), ('micro-train', 'train')):
+        r = json.loads((tmp_path / f'bench-{name}-fp32.json').read_text())
+        assert (r['model'], r['vs'], r['mode'], r['batch_size'], r['amp'], r['steps']) == (
+            MICRO, 'vit_micro_patch4_16', mode, 2, None, 1)
+    table = (tmp_path / 'table.md').read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith(f'| {MICRO} | vit_micro_patch4_16 | infer | fp32 |')
+    assert '\n'.join(table) in capsys.readouterr().out
+
+
+def test_speed_table_profiles_eager_settings(tmp_path, monkeypatch, one_thread) -> None:
+    monkeypatch.setattr(speed_table, 'PAIRS', TINY_PAIRS)
+    assert speed_table.main(['--out', str(tmp_path), '--profile', '--device', 'cpu', '--only', 'micro-infer',
+                             '--settings', 'fp32', 'fp32-compile', '--warmup', '1', '--steps', '1']) == 1
+    assert [f.name for f in tmp_path.iterdir()] == ['profile-micro-infer-fp32.md']  # compiled: not profiled
+    text = (tmp_path / 'profile-micro-infer-fp32.md').read_text()
+    assert text.startswith(f'{MICRO} vs vit_micro_patch4_16, infer, batch 2, fp32, cpu, 1 steps')
+    assert f'| op | {MICRO} ms/step | vit_micro_patch4_16 ms/step |' in text and '**all ops**' in text
+
+
+# ---------------------------------------------------------------------------- profile_pair.py, perf_tables.py
 
 def test_compare_orders_by_absolute_difference_and_totals() -> None:
     pe = {'aten::mm': 5.0, 'aten::cat': 3.0, 'aten::gelu': 1.0}
@@ -36,19 +167,18 @@ def test_compare_orders_by_absolute_difference_and_totals() -> None:
 
 
 def test_op_times_of_a_train_step(one_thread) -> None:
-    times = profile_pair.op_times('vit_pe_micro_patch4_16', mode='train', batch_size=2, amp=None,
+    times = profile_pair.op_times(MICRO, mode='train', batch_size=2, amp=None,
                                   channels_last=False, device=torch.device('cpu'), warmup=1, steps=1)
     assert all(v >= 0 for v in times.values())
     assert any('mm' in k for k in times)  # the linear layers' matmuls
     assert any('backward' in k.lower() for k in times)  # a train step profiles backward too
 
 
-def test_script_json_names_both_models(one_thread, capsys) -> None:
-    profile_pair.main(['--model', 'vit_pe_micro_patch4_16', '--mode', 'infer', '--batch-size', '2',
+def test_profile_pair_json_names_both_models(one_thread, capsys) -> None:
+    profile_pair.main(['--model', MICRO, '--mode', 'infer', '--batch-size', '2',
                        '--warmup', '1', '--steps', '1', '--device', 'cpu', '--threads', '1', '--json'])
     out = json.loads(capsys.readouterr().out)
-    assert (out['model'], out['vs'], out['device'], out['threads']) == (
-        'vit_pe_micro_patch4_16', 'vit_micro_patch4_16', 'cpu', 1)
+    assert (out['model'], out['vs'], out['device'], out['threads']) == (MICRO, 'vit_micro_patch4_16', 'cpu', 1)
     assert out['mode'] == 'infer' and out['model_ms'] and out['vs_ms']
 
 
@@ -68,26 +198,3 @@ def test_perf_table_has_a_compile_column_only_when_a_row_is_compiled(tmp_path) -
     assert '| compile |' in both[0] and all(line.count('|') == 14 for line in both)
     assert '| bf16 | no | 8 |' in both[2] and '**0.900**' in both[2]
     assert '| bf16 | yes | 8 |' in both[3] and '**0.950**' in both[3]
-
-
-def test_gpu_session_bench_prewarms_then_runs_compiled_first_in_the_order_given(tmp_path, monkeypatch) -> None:
-    calls, prewarmed = [], []
-
-    class Done:
-        returncode, stdout, stderr = 0, json.dumps({'ratio_img_per_s': 1.0}), ''
-
-    def run(cmd, **kw):
-        calls.append(cmd)
-        return Done()
-
-    monkeypatch.setattr(gpu_session.subprocess, 'run', run)
-    monkeypatch.setattr(gpu_session, '_prewarm', lambda flags, limit: prewarmed.append((flags, limit)))
-    gpu_session.bench(tmp_path, 600, (True, False), only=['r50-infer', 'vit_tiny32-train'], prewarm=100)
-    table = dict(gpu_session.BENCHES)
-    assert prewarmed == [([table['r50-infer'], table['vit_tiny32-train']], 100)]
-    got = [(c[c.index('--model') + 1], c[c.index('--mode') + 1], '--compile' in c) for c in calls]
-    assert got == [('resnet50_pe', 'infer', True), ('vit_pe_tiny_patch4_32', 'train', True),
-                   ('resnet50_pe', 'infer', False), ('vit_pe_tiny_patch4_32', 'train', False)]
-    assert sorted(f.name for f in tmp_path.iterdir()) == [
-        'bench-r50-infer-bf16-compile.json', 'bench-r50-infer-bf16.json',
-        'bench-vit_tiny32-train-bf16-compile.json', 'bench-vit_tiny32-train-bf16.json']

@@ -189,7 +189,8 @@ def test_interrupted_compare_stops_with_the_signal_code(folder, tmp_path, monkey
     import signal
 
     import rowcol.compare as cmp
-    from rowcol.train import Stop, TrainResult
+    from rowcol.runtime import Stop
+    from rowcol.train import TrainResult
     calls = []
     monkeypatch.setattr(Stop, 'signum', None)  # restored after the test
 

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from rowcol import checkpoint as ckpt
-from rowcol.train import read_metrics
+from rowcol.plots import read_metrics
 
 TIMING = ('seconds', 'img_per_s', 'eval_seconds')
 
@@ -46,9 +46,10 @@ def _folder(root: Path) -> Path:
 
 def _child(out: str, data: str, mode: str, at: int, count_file: str) -> None:
     """Train (or continue) the run ``out``; with ``mode``, die at the ``at``-th write into it."""
-    import rowcol.train as train_mod
+    import rowcol.rundir as rundir_mod
     from rowcol.config import resolve_config
-    from rowcol.train import resume_config, train
+    from rowcol.rundir import resume_config
+    from rowcol.train import train
 
     writes = [0, 0]  # temp files made, files renamed into place
 
@@ -77,8 +78,8 @@ def _child(out: str, data: str, mode: str, at: int, count_file: str) -> None:
 
     torch.set_num_threads(1)  # two busy threads per child crawl on a shared 2-core machine
     tempfile.mkstemp, os.replace, os.fsync = mkstemp, replace, lambda fd: None
-    train_mod.plot_curves = lambda path, runs: ckpt.atomic_write(path,
-                                                                 lambda tmp: Path(tmp).write_text(json.dumps(runs)))
+    rundir_mod.plot_curves = lambda path, runs: ckpt.atomic_write(path,
+                                                                  lambda tmp: Path(tmp).write_text(json.dumps(runs)))
     run = Path(out)
     if (run / ckpt.STATE).is_file():
         train(resume_config(run, {}), run, resume=True, progress=False)

@@ -147,3 +147,69 @@ def test_identity_activation_stays_in_row_space():
     mlp = _rand_(PeMlp(8, 3, act_layer=nn.Identity, bias=False))
     y = mlp(torch.randn(10, 8))  # rank(W) = 3, so y spans at most 3 dimensions
     assert torch.linalg.matrix_rank(y) == 3
+
+
+def _grads(module, x):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad()
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize('form', ATTN_FORMS)
+@pytest.mark.parametrize('scaled', [False, True])
+def test_fused_qkv_equals_one_gemm_per_projection(form, scaled):
+    """Q, K, V in one GEMM over [W_q; W_kv; W_kvᵀ] (or the form's operands) give the outputs and
+    gradients of three GEMMs, in fp32 to 1e-5; W's gradient still sums its two uses."""
+    attn = _rand_(pe_attention(form, scaled)(16, num_heads=4, qkv_bias=True))
+    x = torch.randn(2, 5, 16)
+    assert attn.fused_qkv
+    fused = _grads(attn, x)
+    attn.fused_qkv = False
+    each = _grads(attn, x)
+    torch.testing.assert_close(fused[0], each[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], each[1], rtol=1e-5, atol=1e-5)
+    assert fused[2].keys() == each[2].keys()
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], each[2][name], rtol=1e-5, atol=1e-5, msg=name)
+    if form == 'qo_kv' and not scaled:  # against the hand-written formula as well
+        torch.testing.assert_close(fused[0], _attn_reference(attn, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('form,parts', [(f, 'qkv') for f in ATTN_FORMS] + [('qo_kv', 'kv')])
+def test_fused_tied_qkv_equals_one_gemm_per_projection(form, parts):
+    from rowcol.layers import TiedQKV
+    qkv = _rand_(TiedQKV(12, form=form, parts=parts))
+    x = torch.randn(3, 4, 12)
+    fused = _grads(qkv, x)
+    qkv.fused = False
+    each = _grads(qkv, x)
+    assert fused[0].shape == (3, 4, 12 * len(parts))
+    for a, b in zip(fused[:2], each[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], each[2][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_unimplemented_timm_arguments_are_refused():
+    """timm's Mlp / Attention arguments that the PE layers do not implement raise, not pass silently."""
+    for kwargs, match in [(dict(gated=True), 'gated'), (dict(attn_head_dim=8), 'attn_head_dim'),
+                          (dict(dim_out=32), 'dim_out'), (dict(qk_norm=True), 'qk_norm')]:
+        with pytest.raises(ValueError, match=match):
+            PeAttention(16, num_heads=4, **kwargs)
+    with pytest.raises(TypeError):
+        PeAttention(16, num_heads=4, depth=3)  # DiffAttention's argument
+    with pytest.raises(TypeError):
+        PeMlp(8, 16, gate_last=True)
+    with pytest.raises(ValueError, match='use_conv'):
+        PeMlp(8, 16, use_conv=True)
+    assert PeAttention(16, num_heads=4, attn_head_dim=4, dim_out=16).head_dim == 4  # the values it has
+
+
+def test_pe_mlp_takes_timm_bias_and_drop_pairs():
+    mlp = PeMlp(8, 16, bias=(True, False), drop=(0.1, 0.2))
+    assert mlp.fc.bias is not None and mlp.fc.bias_t is None
+    assert (mlp.drop1.p, mlp.drop2.p) == (0.1, 0.2)
+    assert [n for n, _ in mlp.named_parameters()] == ['fc.weight', 'fc.bias']

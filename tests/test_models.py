@@ -1,4 +1,6 @@
 """Registry-wide model tests: shapes, gradients, exact counts, MACs, safetensors, timm interface."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -117,7 +119,7 @@ def test_exact_counts_and_twin(name):
                and 'num_batches' not in k) == spec.params
 
 
-def test_issue_table():
+def test_exact_parameter_counts_pe_and_dense():
     expected = {'vit_pe_tiny_patch16_224': (3_063_208, 5_717_416),
                 'vit_pe_small_patch16_224': (11_433_832, 22_050_664),
                 'vit_pe_base_patch16_224': (44_100_328, 86_567_656),
@@ -190,13 +192,77 @@ def test_resnet_pe_stage_entry_conv_precision_under_cpu_bf16():
     stage.downsample[0].register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
     x = torch.randn(2, 128, 8, 8)
     with torch.autocast('cpu', torch.bfloat16):
-        stage(x).float().sum().backward()
+        stage(x).float().sum().backward()  # the forward and the entry's recomputation in backward
+        assert set(dtypes) == {torch.float32}
+        dtypes.clear()
         with torch.no_grad():
             stage(x)
         with torch.inference_mode():
             stage(x)
-    assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
     assert stage.downsample[0].weight.grad is not None
+
+
+def _train_step(model, x):
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}, \
+        {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize('name,kwargs', [('resnet26_pe_cifar', {}), ('resnet26_pe_cifar', {'tie': 'none'}),
+                                         ('resnet26_pe_cifar', {'tie': 'block'}), ('resnet26_pe_all_cifar', {})])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_resnet_pe_recomputed_stage_entry_equals_the_plain_path(name, kwargs, channels_last):
+    """Training with the stage entry recomputed in backward gives the plain path's outputs, gradients
+    and BatchNorm running statistics (fp32, 1e-5), and never holds the widened tensor."""
+    from rowcol.models.resnet import PeStage
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_()
+    plain = copy.deepcopy(model)
+    x = torch.randn(4, 3, 32, 32)
+    if channels_last:
+        model, plain = model.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert PeStage.recompute_entry
+    got = _train_step(model, x)
+    PeStage.recompute_entry = False
+    try:
+        want = _train_step(plain, x)
+    finally:
+        PeStage.recompute_entry = True
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for part in (2, 3):
+        assert got[part].keys() == want[part].keys()
+        for key in got[part]:
+            torch.testing.assert_close(got[part][key], want[part][key], rtol=1e-5, atol=1e-5, msg=key)
+    assert int(model.layer3.downsample[1].num_batches_tracked) == 1  # moved once, not again in the recomputation
+
+
+def test_resnet_pe_entry_saves_less_for_backward():
+    """What the PE stage entry holds for the backward pass: only its input, with the recomputation."""
+    from rowcol.models.resnet import PeStage
+    stage = create_model('resnet26_pe_cifar').layer3.train()
+    x = torch.randn(8, 128, 16, 16)
+    sizes = {}
+    for recompute in (True, False):
+        PeStage.recompute_entry = recompute
+        seen = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            stage(x)
+        sizes[recompute] = sum(seen.values())
+    PeStage.recompute_entry = True
+    widened = 8 * 256 * 16 * 16 * 4  # bytes of the (B, 4m, H, W) fp32 widened input
+    assert sizes[False] - sizes[True] >= widened * 2  # the widened tensor and the widening's normalised one
 
 
 @pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar', 'vit_pe_tiny_patch16_224'])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rowcol.config import resolve_config
+from rowcol.config import DataConfig, TrainConfig, resolve_config
 from rowcol.data import MemoryData
 from rowcol import pipeline
 from rowcol.pipeline import BatchAugment, MemoryLoader, build_data, build_eval_data, eval_split
@@ -70,30 +70,42 @@ def _split_layout(root: Path) -> Path:
 def test_val_folder_and_val_data_use_the_val_part(tmp_path):
     root = _split_layout(tmp_path / 'ds')
     assert eval_split(str(root)) == 'val' and eval_split('cifar10') == 'test' and eval_split(str(root / 'train')) == 'train'
-    cfg = resolve_config('cifar_vit', data=str(root), batch_size=4)
+    cfg = DataConfig(data=str(root), batch_size=4)
     bundle = build_data(cfg, 16, (0.5,) * 3, (0.5,) * 3, Dist())
     assert bundle.train.num_images == 12 and bundle.val.num_images == 4
-    cfg = resolve_config('cifar_vit', data=str(root / 'train'), val_data=str(root), batch_size=4)
+    cfg = resolve_config('cifar_vit', data=str(root / 'train'), val_data=str(root), batch_size=4).data_config()
     assert build_data(cfg, 16, (0.5,) * 3, (0.5,) * 3, Dist()).val.num_images == 4
 
 
 def test_validation_split_is_shared_by_every_run_seed():
     """The split depends on split_seed only: runs with different --seed validate on the same images."""
-    splits = [build_data(resolve_config('digits', seed=s, batch_size=8), 16, (.5,) * 3, (.5,) * 3).split['val']
-              for s in (0, 1)]
+    splits = [build_data(resolve_config('digits', seed=s, batch_size=8).data_config(), 16, (.5,) * 3, (.5,) * 3)
+              .split['val'] for s in (0, 1)]
     assert splits[0] == splits[1]
-    other = build_data(resolve_config('digits', split_seed=7, batch_size=8), 16, (.5,) * 3, (.5,) * 3).split['val']
+    other = build_data(resolve_config('digits', split_seed=7, batch_size=8).data_config(), 16, (.5,) * 3,
+                       (.5,) * 3).split['val']
     assert other != splits[0]
 
 
 def test_eval_limit_takes_every_class_before_decoding(tmp_path, monkeypatch):
     root = _split_layout(tmp_path / 'ds') / 'train'  # classes x, y: 6 images each, sorted by class
-    cfg = resolve_config('cifar_vit', data=str(root), batch_size=4)
+    cfg = DataConfig(data=str(root), batch_size=4)
     decoded = []
     real = pipeline.decode_to_memory
     monkeypatch.setattr(pipeline, 'decode_to_memory', lambda s, **kw: decoded.append(len(s)) or real(s, **kw))
     loader, classes = build_eval_data(str(root), cfg, 8, (.5,) * 3, (.5,) * 3, limit=4)
     labels = torch.cat([y for _, y in loader.batches()])
     assert decoded == [4] and sorted(labels.tolist()) == [0, 0, 1, 1]  # not the first 4 files (all 'x')
-    loader, _ = build_eval_data('digits', resolve_config('digits'), 16, (.5,) * 3, (.5,) * 3, limit=50)
+    loader, _ = build_eval_data('digits', resolve_config('digits').data_config(), 16, (.5,) * 3, (.5,) * 3, limit=50)
     assert loader.num_images == 50 and len(torch.unique(torch.cat([y for _, y in loader.batches()]))) == 10
+
+
+def test_data_config_is_the_data_part_of_a_train_config():
+    """DataConfig's defaults are TrainConfig's; the pipeline takes either, reading the same fields."""
+    assert DataConfig() == TrainConfig().data_config()
+    cfg = resolve_config('digits', seed=2, batch_size=8, subset=64, hflip=0.25)
+    assert cfg.data_config() == DataConfig.from_train(cfg) == DataConfig(
+        data='digits', val_split=0.2, seed=2, batch_size=8, subset=64, crop_padding=1, hflip=0.25, workers=2)
+    a = build_data(cfg, 16, (.5,) * 3, (.5,) * 3)
+    b = build_data(cfg.data_config(), 16, (.5,) * 3, (.5,) * 3)
+    assert a.split == b.split and all(torch.equal(x[0], y[0]) for x, y in zip(a.train.batches(1), b.train.batches(1)))

@@ -19,7 +19,8 @@ from rowcol.cli import main
 from rowcol.config import resolve_config
 from rowcol.data import scan_image_folder
 from rowcol.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, RunExistsError, RunLockedError
-from rowcol.train import resume_config, train
+from rowcol.rundir import resume_config
+from rowcol.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_pe_micro_patch4_16'

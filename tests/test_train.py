@@ -1,4 +1,6 @@
-"""Training loop: exact resume, run-directory safety, non-finite losses, signals, EMA, optimizer groups."""
+"""Training loop: exact resume, run-directory safety, non-finite losses, signals, EMA, optimizer groups; configs."""
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -8,19 +10,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 import rowcol.train as train_mod
-from rowcol.config import resolve_config
+from rowcol.config import TrainConfig, config_from_dict, resolve_config
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
 from rowcol.layers import tied_modules
 from rowcol.models import create_model
 from rowcol.stats import count_params
-from rowcol.train import resume_config, train
+from rowcol.rundir import resume_config
+from rowcol.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_pe_micro_patch4_16'
@@ -201,3 +206,78 @@ def test_bad_model_kwargs_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match='--sched'):
         train(_cfg(sched='plateau'), tmp_path / 'r2', progress=False)
     assert not (tmp_path / 'r' / 'config.json').exists()  # nothing written before the checks pass
+
+
+# ---------------------------------------------------------------------------- configs
+
+def test_train_leaves_the_callers_config_as_it_is(tmp_path, monkeypatch):
+    """train() makes new configs (absolute data path, channels_last chosen); the one passed in is not changed."""
+    monkeypatch.chdir(tmp_path)
+    for i, c in enumerate(('a', 'b')):
+        (tmp_path / 'imgs' / c).mkdir(parents=True)
+        for j in range(8):
+            img = np.full((16, 16, 3), 40, dtype=np.uint8)
+            img[..., i] = 200
+            Image.fromarray(img).save(tmp_path / 'imgs' / c / f'{j}.png')
+    cfg = resolve_config('digits', model=MODEL, data='imgs', val_split=0.25, batch_size=4, epochs=1, max_steps=1)
+    before = copy.deepcopy(cfg)
+    assert cfg.channels_last is None
+    train(cfg, 'run', progress=False)
+    assert cfg == before
+    written = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert written['data'] == str(tmp_path.resolve() / 'imgs') and written['channels_last'] is False
+    resumed = resume_config('run', {'epochs': 2})
+    assert (resumed.epochs, resumed.data) == (2, written['data'])
+
+
+def test_wrong_types_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="epochs must be int, got str '3'"):
+        TrainConfig(epochs='3').validate()
+    with pytest.raises(ConfigError, match=r"run/config.json: wrong type: epochs must be int"):
+        config_from_dict({'epochs': '3'}, 'run/config.json')
+    with pytest.raises(ConfigError, match='epochs must be int'):
+        resolve_config('digits', epochs='3')
+    refused = {'epochs': 3.0, 'batch_size': True, 'lr': '0.1', 'base_lr': None, 'halve': 1, 'compile': 'yes',
+               'in_memory': 0, 'model': 3, 'auto_augment': 5, 'model_kwargs': [1], 'val_split': '0.1'}
+    for key, value in refused.items():
+        with pytest.raises(ConfigError, match=rf'{key} must be (int|float|bool|str|dict)'):
+            config_from_dict({key: value})
+    with pytest.raises(ConfigError, match="lr must be float or None.*; halve must be bool"):  # all of them at once
+        config_from_dict({'lr': '0.1', 'halve': 'no'})
+    cfg = config_from_dict({'warmup_epochs': 1, 'lr': 1, 'base_lr': 2, 'val_split': None, 'in_memory': None,
+                            'channels_last': True, 'model_kwargs': {'depth': 1}})  # an int is a float; None if Optional
+    assert (cfg.warmup_epochs, cfg.lr, cfg.val_split) == (1, 1, None)
+
+
+def test_command_line_values_have_the_config_types(tmp_path):
+    from rowcol.cli import _overrides, build_parser
+    from rowcol.config import FIELD_TYPES
+    args = build_parser().parse_args(['train', '--epochs', '3', '--lr', '1', '--warmup-epochs', '2', '--halve',
+                                      '--no-in-memory', '--model-kwargs', '{"depth": 1}', '--val-split', '0.1',
+                                      '--auto-augment', 'rand-m9', '--max-steps', '0'])
+    overrides = _overrides(args)
+    assert overrides == {'epochs': 3, 'lr': 1.0, 'warmup_epochs': 2.0, 'halve': True, 'in_memory': False,
+                         'model_kwargs': {'depth': 1}, 'val_split': 0.1, 'auto_augment': 'rand-m9', 'max_steps': 0}
+    assert type(overrides['lr']) is float and type(overrides['epochs']) is int
+    cfg = resolve_config('digits', **overrides)
+    assert cfg.epochs == 3 and cfg.halve is True
+    assert set(FIELD_TYPES) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_recipe_epochs_are_the_documented_ones():
+    from rowcol.config import RECIPES
+    assert resolve_config('cifar_vit').epochs == 25 and '--epochs 25' in RECIPES['cifar_vit'].__doc__
+    assert resolve_config('cifar_resnet').epochs == 30 and '--epochs 30' in RECIPES['cifar_resnet'].__doc__
+    assert TrainConfig() == resolve_config()  # the dataclass defaults are the default recipe's
+
+
+def test_train_state_is_the_loop_entry_of_train_state_pt(tmp_path):
+    from rowcol.train import TrainState
+    loop = {'epoch': 1, 'batch': 3, 'step': 11, 'best_top1': 41.5, 'nonfinite': 0, 'loss_sum': 12.25, 'count': 96.0,
+            'seconds': 4.5}  # as every run directory stores it
+    state = TrainState.from_dict(loop)
+    assert state.to_dict() == loop and list(state.to_dict()) == list(loop) and state.losses == []
+    train(_cfg(max_steps=3), tmp_path / 'r', progress=False)
+    saved = torch.load(tmp_path / 'r' / 'train_state.pt', weights_only=True)
+    assert list(saved) == ['model', 'optimizer', 'ema', 'scaler', 'loop'] and list(saved['loop']) == list(loop)
+    assert TrainState.from_dict(saved['loop']).to_dict() == saved['loop'] and saved['loop']['step'] == 3

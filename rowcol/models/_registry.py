@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Optional
 
 import timm
 import torch.nn as nn
@@ -18,27 +17,31 @@ import torch.nn as nn
 from rowcol.errors import ModelNameError
 
 __all__ = ['PeSpec', 'register_pe', 'pe_spec', 'pe_models', 'dense_twin', 'create_model', 'check_model_name',
-           'model_defaults', 'check_pretrained']
+           'model_defaults', 'check_pretrained', 'CIFAR10_MEAN', 'CIFAR10_STD']
+
+# Per-channel normalisation of the 32-px (CIFAR-10) models' pretrained cfgs
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 @dataclass(frozen=True)
 class PeSpec:
     name: str
     dense: str
-    params: Optional[int] = None
-    params_headless: Optional[int] = None
-    dense_params: Optional[int] = None
+    params: int | None = None
+    params_headless: int | None = None
+    dense_params: int | None = None
 
 
 _PE_SPECS: dict[str, PeSpec] = {}
 
 
-def register_pe(name: str, dense: str, params: Optional[int] = None,
-                params_headless: Optional[int] = None, dense_params: Optional[int] = None) -> None:
+def register_pe(name: str, dense: str, params: int | None = None,
+                params_headless: int | None = None, dense_params: int | None = None) -> None:
     _PE_SPECS[name] = PeSpec(name, dense, params, params_headless, dense_params)
 
 
-def pe_spec(name: str) -> Optional[PeSpec]:
+def pe_spec(name: str) -> PeSpec | None:
     """The spec of a PE model, or None for a model that is not one of rowcol's PE models."""
     return _PE_SPECS.get(name)
 
@@ -48,7 +51,7 @@ def pe_models() -> list[str]:
     return sorted(_PE_SPECS)
 
 
-def dense_twin(name: str) -> Optional[str]:
+def dense_twin(name: str) -> str | None:
     """The dense twin of a PE model (None if ``name`` is not a PE model)."""
     spec = _PE_SPECS.get(name)
     return spec.dense if spec else None
@@ -71,7 +74,7 @@ def model_defaults(name: str) -> dict:
                                                   'std': (0.229, 0.224, 0.225)}
 
 
-def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
+def create_model(name: str, img_size: int | None = None, **kwargs) -> nn.Module:
     """``timm.create_model`` with a clear error for an unknown name.
 
     ``img_size`` goes to models that take it (ViTs fix their position embedding to it);

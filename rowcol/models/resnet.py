@@ -23,15 +23,18 @@ and max-pool with one 3×3 stride-1 conv for 32-px images.
 
 Deviations: like timm's ResNet-50 (the dense twin) the last BN of every block starts at zero
 (``zero_init_last``); the paper does not say. Under CPU bf16 autocast the strided depthwise
-identity conv runs in fp32 (for speed); as a side effect the residual sums of the strided PE
-stages stay fp32 on the CPU, where the dense twin's are bf16. The CIFAR-sized models are rowcol's additions.
+identity conv and its BNs run in fp32 (for speed) and return bf16. In eager training the stage
+entry is recomputed in the backward pass instead of stored (``PeStage.recompute_entry``), and in
+eval mode the two BNs in a row act as one affine: execution details with the same outputs.
+The CIFAR-sized models are rowcol's additions.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model
@@ -41,7 +44,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import Bottleneck, ResNet, make_blocks
 
 from rowcol.layers import TiedLinear, is_fx_tracing
-from rowcol.models._registry import check_pretrained, dense_twin, register_pe
+from rowcol.models._registry import CIFAR10_MEAN, CIFAR10_STD, check_pretrained, dense_twin, register_pe
 
 __all__ = ['ResNetPE', 'PeStage', 'PeBottleneck']
 
@@ -81,24 +84,49 @@ class PeBottleneck(nn.Module):
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
-    def forward(self, x: torch.Tensor, w: Optional[TiedLinear] = None,
-                shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def first_map(self, x: torch.Tensor, w: TiedLinear | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, m, H, W): W x (the stage's W, the block's own, or the untied conv1)."""
+        if self.tie == 'none':
+            return self.conv1(x)
+        return (self.w if self.tie == 'block' else w).conv(x)
+
+    def forward(self, x: torch.Tensor, w: TiedLinear | None = None,
+                shortcut: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``h``: :meth:`first_map` of ``x``, when the stage has computed it already (then ``x`` is unused)."""
         shortcut = x if shortcut is None else shortcut
         if self.tie == 'block':
             w = self.w
-        h = self.conv1(x) if self.tie == 'none' else w.conv(x)  # (B, m, H, W): W x
+        h = self.first_map(x, w) if h is None else h  # (B, m, H, W): W x
         h = self.act1(self.bn1(h))
         h = self.act2(self.bn2(self.conv2(h)))  # (B, m, H/s, W/s)
         h = self.conv3(h) if self.tie == 'none' else w.conv_t(h)  # (B, C, H/s, W/s): Wᵀ G(W x)
         h = self.bn3(h)
-        # Out of place: under CPU bf16 autocast block 0's shortcut is fp32 (PeStage._downsample), and
-        # h + shortcut keeps the stage's residual sums in fp32 there; an in-place add would round them
-        # to bf16 (measured no faster, docs/PERFORMANCE.md).
-        return self.act3(self.drop_path(h) + shortcut)
+        return self.act3(self.drop_path(h) + shortcut)  # (B, C, H/s, W/s)
+
+
+def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tensor:
+    """``bn(x)`` in training mode; its running statistics move only if ``update`` (so that a
+    recomputation in the backward pass leaves them as the forward pass left them)."""
+    momentum, mean, var = bn.momentum, bn.running_mean, bn.running_var
+    if update:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative average, as nn.BatchNorm2d
+            momentum = 1. / float(bn.num_batches_tracked)
+    else:  # copies take the update (the same ops, so the recomputation saves what the forward saved)
+        mean, var, momentum = mean.clone(), var.clone(), momentum or 0.
+    return F.batch_norm(x, mean, var, bn.weight, bn.bias, True, momentum, bn.eps)
 
 
 class PeStage(nn.Module):
-    """A PE stage: optional widening, strided identity for block 0, blocks sharing one W."""
+    """A PE stage: optional widening, strided identity for block 0, blocks sharing one W.
+
+    ``recompute_entry`` (eager training only): the stage entry (widening, concatenation,
+    strided identity and block 0's ``W x``) keeps only its input for the backward pass and runs
+    again there, so the widened tensor and the entry's normalised tensors are never held; the
+    outputs, gradients and running statistics are those of the plain path (tested). In eval mode
+    the identity's two BatchNorms act as one per-channel affine.
+    """
+    recompute_entry: bool = True
 
     def __init__(self, in_chs: int, mid: int, depth: int, stride: int, tie: str = 'stage',
                  drop_path: Sequence[float] = ()) -> None:
@@ -127,27 +155,64 @@ class PeStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.widen is not None:
-            x = torch.cat([self.widen(x), x], dim=1)  # (B, C, H, W): [new, x]
-        shortcut = self._downsample(x) if self.downsample is not None else x
+        h = None  # block 0's W x, when the entry computed it
+        if self.widen is None and self.downsample is None:
+            shortcut = x
+        elif self._recompute(x):
+            first = [True]  # running statistics move in the forward pass, not in the recomputation
+            h, shortcut = torch.utils.checkpoint.checkpoint(self._entry, x, first, use_reentrant=False)
+        else:
+            x = self._widen(x)
+            shortcut = self._downsample(x) if self.downsample is not None else x
         for i, blk in enumerate(self.blocks):
-            sc = shortcut if i == 0 else None
+            sc, h0 = (shortcut, h) if i == 0 else (None, None)
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, self.w, sc, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, self.w, sc, h0, use_reentrant=False)
             else:
-                x = blk(x, self.w, sc)
+                x = blk(x, self.w, sc, h0)
+            # with h0 given, block 0 reads only h0 and the shortcut: the widened x never exists here
         return x
 
+    def _recompute(self, x: torch.Tensor) -> bool:
+        return (self.recompute_entry and self.training and torch.is_grad_enabled() and not is_fx_tracing()
+                and not torch.compiler.is_compiling())  # inductor plans its own recomputation
+
+    def _entry(self, x: torch.Tensor, first: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block 0's W x, block 0's shortcut) from the stage input, BatchNorms in training mode."""
+        update, first[0] = first[0], False
+        if self.widen is not None:
+            conv, bn, act = self.widen
+            x = torch.cat([act(_batch_norm(bn, conv(x), update)), x], dim=1)  # (B, C, H, W): [new, x]
+        shortcut = x
+        if self.downsample is not None:
+            conv, bn1, bn2 = self.downsample
+            shortcut = self._fp32_on_cpu(lambda t: _batch_norm(bn2, _batch_norm(bn1, conv(t), update), update), x)
+        return self.blocks[0].first_map(x, self.w), shortcut
+
+    def _widen(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.widen is None else torch.cat([self.widen(x), x], dim=1)  # (B, C, H, W): [new, x]
+
     def _downsample(self, x: torch.Tensor) -> torch.Tensor:
-        if is_fx_tracing():  # an FX graph records the op itself; the fallback below is an execution detail
-            return self.downsample(x)
-        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') and torch.is_grad_enabled():
-            # oneDNN's bf16 backward of this strided depthwise conv is several times slower than fp32
-            # on CPU (docs/PERFORMANCE.md); it is a small op, so it runs in fp32 when a backward may
-            # follow. Without grad (inference) its bf16 forward is the faster one and is kept.
+        conv, bn1, bn2 = self.downsample
+        if self.training:
+            return self._fp32_on_cpu(lambda t: bn2(bn1(conv(t))), x)
+        # eval: BN2(BN1(y)) is one per-channel affine y * a + b
+        a1 = bn1.weight * torch.rsqrt(bn1.running_var + bn1.eps)
+        a2 = bn2.weight * torch.rsqrt(bn2.running_var + bn2.eps)
+        a, b = a1 * a2, (bn1.bias - bn1.running_mean * a1 - bn2.running_mean) * a2 + bn2.bias
+        return self._fp32_on_cpu(lambda t: (y := conv(t)) * a[:, None, None].to(y.dtype) + b[:, None, None].to(y.dtype), x)
+
+    @staticmethod
+    def _fp32_on_cpu(fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)``, the strided identity. oneDNN's bf16 backward of its depthwise conv is several
+        times slower than fp32 on CPU (docs/PERFORMANCE.md); it is a small op, so under CPU autocast
+        it runs in fp32 when a backward may follow, and its result returns to x's dtype (as the dense
+        twin's shortcut). Without grad (inference) the bf16 forward is the faster one and is kept."""
+        if not is_fx_tracing() and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') \
+                and torch.is_grad_enabled():
             with torch.autocast('cpu', enabled=False):
-                return self.downsample(x.float())
-        return self.downsample(x)
+                return fn(x.float()).to(x.dtype)
+        return fn(x)
 
 
 class ResNetPE(ResNet):
@@ -278,7 +343,7 @@ def _cfg(**kwargs) -> dict:
 
 
 _cifar = dict(num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
-              mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+              mean=CIFAR10_MEAN, std=CIFAR10_STD)
 default_cfgs = generate_default_cfgs({
     'resnet50_pe': _cfg(),
     'resnet50_pe_untied': _cfg(),

@@ -34,12 +34,10 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from rowcol.layers import PeMlp, pe_attention
-from rowcol.models._registry import check_pretrained, dense_twin, register_pe
+from rowcol.models._registry import CIFAR10_MEAN, CIFAR10_STD, check_pretrained, dense_twin, register_pe
 
 __all__ = ['VisionTransformer']
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _MLP_ACTS = {'gelu': nn.GELU, 'identity': nn.Identity, 'relu': nn.ReLU}
 
 
@@ -75,7 +73,7 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-_cifar = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD)
+_cifar = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 default_cfgs = generate_default_cfgs({
     'vit_pe_tiny_patch16_224': _cfg(),
     'vit_pe_small_patch16_224': _cfg(),

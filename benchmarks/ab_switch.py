@@ -1,0 +1,82 @@
+"""Does an implementation switch pay? One model, a class attribute on and off, interleaved in one process.
+
+    python benchmarks/ab_switch.py --model vit_pe_small_patch16_224 --switch rowcol.layers.PeAttention.fused_qkv \\
+        --mode train --batch-size 16 --amp bf16 --repeats 9
+    python benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \\
+        --mode train --batch-size 128 --channels-last --repeats 9
+
+The switch is a boolean class attribute (``module.Class.attribute``) that changes how a model
+computes, not what: the outputs and gradients are tested equal elsewhere. Each trial times
+``--steps`` steps with the switch on, then off (order alternating between trials), on the same
+model and input (:class:`rowcol.bench.Runner`); prints one JSON line with the median img/s of
+each, the ratio on/off and its spread over trials. On a busy machine use more ``--repeats``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+
+import torch
+
+from rowcol.bench import Runner, sync
+from rowcol.runtime import resolve_device
+
+
+def _switch(path: str) -> tuple[type, str]:
+    module, cls, attr = path.rsplit('.', 2)
+    owner = getattr(importlib.import_module(module), cls)
+    if not isinstance(getattr(owner, attr, None), bool):
+        raise SystemExit(f'--switch {path}: not a boolean class attribute')
+    return owner, attr
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--model', required=True)
+    p.add_argument('--switch', required=True, help='module.Class.attribute (a boolean)')
+    p.add_argument('--mode', choices=['train', 'infer'], default='train')
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--amp', choices=['bf16'], default=None)
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=7)
+    p.add_argument('--threads', type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    owner, attr = _switch(a.switch)
+    default = getattr(owner, attr)
+    device = resolve_device(None)
+    r = Runner(a.model, mode=a.mode, device=device, batch_size=a.batch_size, img_size=None, num_classes=None,
+               amp=a.amp, compile=False, channels_last=a.channels_last, optimizer='sgd')
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for value in (True, False):
+            setattr(owner, attr, value)
+            for _ in range(a.warmup):
+                r.step()
+        for trial in range(a.repeats):
+            for value in ((True, False) if trial % 2 == 0 else (False, True)):
+                setattr(owner, attr, value)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(a.steps):
+                    r.step()
+                sync(device)
+                times[value].append(a.steps * a.batch_size / (time.perf_counter() - t0))
+    finally:
+        setattr(owner, attr, default)
+    ratios = [on / off for on, off in zip(times[True], times[False])]
+    print(json.dumps({
+        'model': a.model, 'switch': a.switch, 'mode': a.mode, 'amp': a.amp or 'fp32', 'batch_size': a.batch_size,
+        'device': device.type, 'threads': torch.get_num_threads(), 'repeats': a.repeats, 'steps': a.steps,
+        'img_per_s_on': statistics.median(times[True]), 'img_per_s_off': statistics.median(times[False]),
+        'ratio_on_off': statistics.median(ratios), 'ratio_min': min(ratios), 'ratio_max': max(ratios)}))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,91 @@
+"""Where does a model's training memory go? The tensors autograd saves for backward, per module.
+
+    python benchmarks/saved_tensors.py --model resnet26_pe_cifar --vs resnet26_cifar --batch-size 128 --channels-last
+    python benchmarks/saved_tensors.py --model resnet50_pe --vs resnet50 --batch-size 16 --channels-last --amp bf16
+
+Runs one training forward of each model (random input, train mode) under
+``torch.autograd.graph.saved_tensors_hooks`` and counts every tensor saved for the backward
+pass once (by storage), charged to the innermost module running when it was saved. Prints the
+totals and the modules (names with block indices folded to ``*``) whose saved bytes differ most
+between the two models. Saved tensors are most of a training step's peak memory beyond the
+weights; ``rowcol bench --mode train`` reports the peak itself.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+import rowcol  # noqa: F401  (registers models)
+from rowcol.models import create_model, dense_twin
+from rowcol.stats import input_size_of
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> dict[str, int]:
+    """Bytes saved for backward by one forward of ``model`` on ``x``, per module name (folded)."""
+    stack: list[str] = ['(top)']
+    seen: set[tuple[int, int]] = set()
+    per: dict[str, int] = defaultdict(int)
+    hooks = []
+    for name, m in model.named_modules():
+        folded = re.sub(r'\.\d+(?=\.|$)', '.*', name).replace('.blocks.', '.') or '(top)'
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, n=folded: stack.append(n)))
+        hooks.append(m.register_forward_hook(lambda mod, args, out: stack.pop() and None))
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 0 or t.untyped_storage().data_ptr() in weights:
+            return t  # weights (and views of them) are memory either way
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            per[stack[-1]] += t.untyped_storage().nbytes()
+        return t
+
+    dtype = torch.bfloat16 if amp == 'bf16' else None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            model(x).float().sum()
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(per)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--model', required=True)
+    p.add_argument('--vs', help='model to compare with (default: the dense twin)')
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--amp', choices=['bf16'], default=None)
+    p.add_argument('--top', type=int, default=15)
+    a = p.parse_args()
+    vs = a.vs or dense_twin(a.model)
+    if vs is None:
+        p.error(f'--model {a.model} has no dense twin; pass --vs')
+    torch.manual_seed(0)
+    res = {}
+    for name in (a.model, vs):
+        model = create_model(name).train()
+        x = torch.randn(a.batch_size, *input_size_of(model))
+        if a.channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        res[name] = saved_bytes(model, x, a.amp)
+    mb = lambda b: b / 2 ** 20  # noqa: E731
+    print(f'saved for backward, MB: {a.model} {mb(sum(res[a.model].values())):.1f}, '
+          f'{vs} {mb(sum(res[vs].values())):.1f}')
+    keys = set(res[a.model]) | set(res[vs])
+    diff = sorted(keys, key=lambda k: -abs(res[a.model].get(k, 0) - res[vs].get(k, 0)))
+    print(f'| module | {a.model} MB | {vs} MB |\n|---|---|---|')
+    for k in diff[:a.top]:
+        print(f'| {k} | {mb(res[a.model].get(k, 0)):.1f} | {mb(res[vs].get(k, 0)):.1f} |')
+
+
+if __name__ == '__main__':
+    main()
