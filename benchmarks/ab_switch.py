@@ -8,7 +8,7 @@
 The switch is a boolean class attribute (``module.Class.attribute``) that changes how a model
 computes, not what: the outputs and gradients are tested equal elsewhere. Each trial times
 ``--steps`` steps with the switch on, then off (order alternating between trials), on the same
-model and input (:class:`rowcol.bench.Runner`); prints one JSON line with the median img/s of
+model and input (:class:`rowcol.apps.bench.Runner`); prints one JSON line with the median img/s of
 each, the ratio on/off and its spread over trials. On a busy machine use more ``--repeats``.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from rowcol.bench import Runner, sync
-from rowcol.runtime import resolve_device
+from rowcol.apps.bench import Runner, sync
+from rowcol.apps.runtime import resolve_device
 
 
 def _switch(path: str) -> tuple[type, str]:

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 import rowcol  # noqa: F401  (registers the models)
 from rowcol.models import create_model
-from rowcol.runtime import autocast, resolve_device
-from rowcol.train import distill_loss
+from rowcol.apps.runtime import autocast, resolve_device
+from rowcol.apps.train import distill_loss
 
 
 def main() -> None:

@@ -9,13 +9,13 @@ import argparse
 import json
 from pathlib import Path
 
-from rowcol.checkpoint import load_run
-from rowcol.config import config_from_dict
+from rowcol.apps.checkpoint import load_run
+from rowcol.apps.config import config_from_dict
 from rowcol.halve import halve
 from rowcol.models import model_defaults
-from rowcol.pipeline import build_eval_data
-from rowcol.runtime import resolve_device
-from rowcol.train import evaluate
+from rowcol.apps.pipeline import build_eval_data
+from rowcol.apps.runtime import resolve_device
+from rowcol.apps.evaluate import evaluate
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/loop_vs_timm.py --model vit_pe_nano_patch4_32 --steps 20 --repeats 3
 
 Both loops train the same model on the same in-memory CIFAR-sized batches (random uint8 images,
-so no files are needed): (a) ``rowcol.train.train_one_epoch`` with its per-step seeding,
+so no files are needed): (a) ``rowcol.apps.train.train_one_epoch`` with its per-step seeding,
 non-finite check, scheduler and progress accounting; (b) the bare step timm's train.py runs
 (forward, loss, backward, optimizer step, scheduler step). Also times ``MemoryLoader`` alone
 (decode-free batching, padded crop and flip, normalisation). Prints one JSON object.
@@ -19,11 +19,12 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from rowcol.config import resolve_config
-from rowcol.data import MemoryData
+from rowcol.apps.config import resolve_config
+from rowcol.apps.data import MemoryData
 from rowcol.models import create_model
-from rowcol.pipeline import BatchAugment, MemoryLoader
-from rowcol.train import Dist, train_one_epoch
+from rowcol.apps.pipeline import BatchAugment, MemoryLoader
+from rowcol.apps.runtime import Dist
+from rowcol.apps.train import TrainState, train_one_epoch
 
 
 def _setup(name: str, cfg, loader):
@@ -40,11 +41,11 @@ def _setup(name: str, cfg, loader):
 
 def rowcol_loop(name, cfg, loader) -> float:
     model, opt, sched = _setup(name, cfg, loader)
-    state = dict(epoch=0, batch=0, step=0, nonfinite=0, loss_sum=0., count=0., seconds=0., losses=[])
+    state = TrainState()
     t = time.perf_counter()
     train_one_epoch(model, loader, opt, sched, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), cfg, state,
                     torch.device('cpu'), Dist(), progress=False)
-    return state['count'] / (time.perf_counter() - t)
+    return state.count / (time.perf_counter() - t)
 
 
 def timm_loop(name, cfg, loader) -> float:

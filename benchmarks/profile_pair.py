@@ -19,9 +19,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rowcol.bench import Runner, sync
+from rowcol.apps.bench import Runner, sync
 from rowcol.models import dense_twin
-from rowcol.runtime import resolve_device
+from rowcol.apps.runtime import resolve_device
 
 
 def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels_last: bool,

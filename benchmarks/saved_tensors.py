@@ -2,18 +2,24 @@
 
     python benchmarks/saved_tensors.py --model resnet26_pe_cifar --vs resnet26_cifar --batch-size 128 --channels-last
     python benchmarks/saved_tensors.py --model resnet50_pe --vs resnet50 --batch-size 16 --channels-last --amp bf16
+    python benchmarks/saved_tensors.py --model resnet26_pe_cifar --batch-size 128 --channels-last --peak
 
 Runs one training forward of each model (random input, train mode) under
 ``torch.autograd.graph.saved_tensors_hooks`` and counts every tensor saved for the backward
 pass once (by storage), charged to the innermost module running when it was saved. Prints the
 totals and the modules (names with block indices folded to ``*``) whose saved bytes differ most
 between the two models. Saved tensors are most of a training step's peak memory beyond the
-weights; ``rowcol bench --mode train`` reports the peak itself.
+weights; ``rowcol bench --mode train`` reports the peak itself. ``--peak`` also reports the
+peak of live tensors over one whole SGD training step (forward, backward, update), from
+torch.profiler's memory timeline: unlike the process's resident memory, it leaves out memory the
+allocator keeps after tensors are freed.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import tempfile
 from collections import defaultdict
 
 import torch
@@ -57,6 +63,28 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> di
     return dict(per)
 
 
+def peak_live_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> int:
+    """The most bytes of live tensors at any time in the second of two SGD training steps."""
+    from torch.profiler import ProfilerActivity, profile
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    dtype = torch.bfloat16 if amp == 'bf16' else None
+    y = torch.zeros(len(x), dtype=torch.long)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(f'{tmp}/timeline.json', device=str(x.device))
+        _, sizes = json.loads(open(f'{tmp}/timeline.json').read())
+    return max(sum(s) for s in sizes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', required=True)
@@ -65,21 +93,26 @@ def main() -> None:
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--amp', choices=['bf16'], default=None)
     p.add_argument('--top', type=int, default=15)
+    p.add_argument('--peak', action='store_true', help='also the peak of live tensors over a training step')
     a = p.parse_args()
     vs = a.vs or dense_twin(a.model)
     if vs is None:
         p.error(f'--model {a.model} has no dense twin; pass --vs')
     torch.manual_seed(0)
-    res = {}
+    res, peak = {}, {}
     for name in (a.model, vs):
         model = create_model(name).train()
         x = torch.randn(a.batch_size, *input_size_of(model))
         if a.channels_last:
             model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         res[name] = saved_bytes(model, x, a.amp)
+        if a.peak:
+            peak[name] = peak_live_bytes(model, x, a.amp)
     mb = lambda b: b / 2 ** 20  # noqa: E731
     print(f'saved for backward, MB: {a.model} {mb(sum(res[a.model].values())):.1f}, '
           f'{vs} {mb(sum(res[vs].values())):.1f}')
+    if a.peak:
+        print(f'peak live tensors over a training step, MB: {a.model} {mb(peak[a.model]):.1f}, {vs} {mb(peak[vs]):.1f}')
     keys = set(res[a.model]) | set(res[vs])
     diff = sorted(keys, key=lambda k: -abs(res[a.model].get(k, 0) - res[vs].get(k, 0)))
     print(f'| module | {a.model} MB | {vs} MB |\n|---|---|---|')

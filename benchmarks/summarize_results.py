@@ -16,10 +16,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from rowcol.checkpoint import build_run_model, write_json
+from rowcol.apps.checkpoint import build_run_model, write_json
 from rowcol.models import dense_twin
 from rowcol.stats import count_params
-from rowcol.train import plot_curves, read_metrics
+from rowcol.apps.plots import plot_curves, read_metrics
 
 
 def summarize(root: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """``python -m rowcol`` (and ``torchrun -m rowcol``) runs the command line."""
 import sys
 
-from rowcol.cli import main
+from rowcol.apps.cli import main
 
 sys.exit(main())

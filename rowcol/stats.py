@@ -8,7 +8,6 @@ tied W costs what both of its uses cost. Bytes of tensors are counted once per d
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -35,14 +34,14 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
-def input_size_of(model: nn.Module, img_size: Optional[int] = None) -> tuple[int, int, int]:
+def input_size_of(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:
     """(C, H, W) from the model's pretrained cfg, with H = W = ``img_size`` when given."""
     c, h, w = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
     return (c, img_size, img_size) if img_size else (c, h, w)
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_size: Optional[tuple[int, int, int]] = None) -> int:
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
     """Multiply-accumulates of one forward pass on one image."""
     input_size = input_size or input_size_of(model)
     was_training = model.training

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from rowcol.analyze import _dense_slots, _record, analyze_run, outside_fraction, stable_rank
-from rowcol.cli import main
+from rowcol.apps.analyze import _dense_slots, _record, analyze_run, outside_fraction, stable_rank
+from rowcol.apps.cli import main
 from rowcol.errors import CheckpointError
 from rowcol.layers import TiedLinear
 from rowcol.models import create_model

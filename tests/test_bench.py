@@ -1,4 +1,4 @@
-"""Tests for rowcol.bench: result structure, defaults and errors. Timings are never asserted."""
+"""Tests for rowcol.apps.bench: result structure, defaults and errors. Timings are never asserted."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rowcol.bench import Runner, add_arguments, bench, format_bench, format_copies, run, sync, weight_copy_ops
+from rowcol.apps.bench import Runner, add_arguments, bench, format_bench, format_copies, run, sync, weight_copy_ops
 from rowcol.errors import ConfigError, ModelNameError
 from rowcol.layers import PeAttention, tied_modules
 from rowcol.models import create_model

@@ -1,6 +1,7 @@
 """benchmarks/: run_experiments.py (plans; deadline, SIGTERM and resume with real ``rowcol train``
 runs), speed_table.py (which benches run in which order; a tiny table end to end; profiles),
-profile_pair.py (the op-time comparison) and perf_tables.py (the bench table)."""
+profile_pair.py (the op-time comparison), perf_tables.py (the bench table), saved_tensors.py (memory
+kept for backward) and ab_switch.py (a switch on and off)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +15,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
+import ab_switch  # noqa: E402
 import perf_tables  # noqa: E402
 import profile_pair  # noqa: E402
 import run_experiments  # noqa: E402
+import saved_tensors  # noqa: E402
 import speed_table  # noqa: E402
 
-from rowcol.cli import build_parser  # noqa: E402
+from rowcol.apps.cli import build_parser  # noqa: E402
 from rowcol.models import dense_twin  # noqa: E402
 
 MICRO = 'vit_pe_micro_patch4_16'
@@ -99,7 +102,8 @@ def test_speed_table_commands_are_rowcol_bench_commands_of_pe_models(setting) ->
     for name, flags, *batches in speed_table.PAIRS:
         cmd = speed_table.bench_cmd(flags, batches[0], setting, 'cuda', speed_table.TIMING['cuda'])
         args = build_parser().parse_args(cmd[3:])
-        assert dense_twin(args.model) and args.vs is None and args.json, name  # the twin is the default --vs
+        assert dense_twin(args.model) and args.json, name
+        assert args.vs is None or args.vs == f'{args.model}_untied', name  # the twin (default --vs) or the untied layout
         assert (args.amp, args.compile) == ('bf16' if 'bf16' in setting else None, 'compile' in setting)
         assert (args.device, args.steps, args.batch_size) == ('cuda', 5, batches[0])
 
@@ -198,3 +202,35 @@ def test_perf_table_has_a_compile_column_only_when_a_row_is_compiled(tmp_path) -
     assert '| compile |' in both[0] and all(line.count('|') == 14 for line in both)
     assert '| bf16 | no | 8 |' in both[2] and '**0.900**' in both[2]
     assert '| bf16 | yes | 8 |' in both[3] and '**0.950**' in both[3]
+
+
+def test_resnet_pe_keeps_less_for_backward_than_dense():
+    """The memory a training step keeps for backward: the PE ResNet (its stage entry recomputed)
+    under its dense twin, fp32 and bf16; and the per-module table names the stage entry."""
+    from rowcol.models import create_model
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for amp in (None, 'bf16'):
+        sizes = {}
+        for name in ('resnet26_pe_cifar', 'resnet26_cifar'):
+            model = create_model(name).train().to(memory_format=torch.channels_last)
+            sizes[name] = saved_tensors.saved_bytes(model, x, amp)
+        assert sum(sizes['resnet26_pe_cifar'].values()) < sum(sizes['resnet26_cifar'].values()), amp
+        pe_entries = [k for k in sizes['resnet26_pe_cifar'] if k.startswith(('layer3.', 'layer4.'))
+                      and ('widen' in k or 'downsample' in k)]
+        assert not pe_entries  # the PE stages' entries keep nothing: recomputed in backward
+    live = saved_tensors.peak_live_bytes(create_model('resnet26_pe_cifar').train(), torch.randn(4, 3, 32, 32))
+    assert live > sum(saved_tensors.saved_bytes(create_model('resnet26_pe_cifar').train(),
+                                                 torch.randn(4, 3, 32, 32)).values())
+
+
+def test_ab_switch_times_both_settings_and_restores_the_switch(monkeypatch, capsys):
+    from rowcol.layers import PeAttention
+    monkeypatch.setattr(sys, 'argv', ['ab_switch.py', '--model', MICRO, '--switch', 'rowcol.layers.PeAttention.fused_qkv',
+                                      '--batch-size', '2', '--steps', '1', '--warmup', '1', '--repeats', '2'])
+    ab_switch.main()
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row['img_per_s_on'] > 0 and row['img_per_s_off'] > 0 and row['repeats'] == 2
+    assert PeAttention.fused_qkv is True
+    monkeypatch.setattr(sys, 'argv', ['ab_switch.py', '--model', MICRO, '--switch', 'rowcol.layers.PeAttention.num_heads'])
+    with pytest.raises(SystemExit, match='not a boolean'):
+        ab_switch.main()

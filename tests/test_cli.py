@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rowcol.cli import main
+from rowcol.apps.cli import main
 
 MODEL = 'vit_pe_micro_patch4_16'
 FAST = ['--epochs', '1', '--batch-size', '8', '--quiet']
@@ -188,9 +188,9 @@ def test_compare_sends_pe_only_kwargs_to_the_pe_run(folder, tmp_path):
 def test_interrupted_compare_stops_with_the_signal_code(folder, tmp_path, monkeypatch, capsys):
     import signal
 
-    import rowcol.compare as cmp
-    from rowcol.runtime import Stop
-    from rowcol.train import TrainResult
+    import rowcol.apps.compare as cmp
+    from rowcol.apps.runtime import Stop
+    from rowcol.apps.train import TrainResult
     calls = []
     monkeypatch.setattr(Stop, 'signum', None)  # restored after the test
 

@@ -3,7 +3,7 @@
 Each run executes in a child forked from a server that has imported rowcol once (the
 multiprocessing 'forkserver'), so a child starts in milliseconds. A child is killed with
 ``os._exit`` (no cleanup, no ``finally``: what ``kill -9`` leaves) at the N-th file that
-:func:`rowcol.checkpoint.atomic_write` writes into the run directory, at one of three moments:
+:func:`rowcol.apps.checkpoint.atomic_write` writes into the run directory, at one of three moments:
 
 * ``empty``: the temporary file exists, 0 bytes;
 * ``written``: the temporary file is written, not yet renamed into place;
@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from rowcol import checkpoint as ckpt
-from rowcol.plots import read_metrics
+from rowcol.apps import checkpoint as ckpt
+from rowcol.apps.plots import read_metrics
 
 TIMING = ('seconds', 'img_per_s', 'eval_seconds')
 
@@ -46,10 +46,10 @@ def _folder(root: Path) -> Path:
 
 def _child(out: str, data: str, mode: str, at: int, count_file: str) -> None:
     """Train (or continue) the run ``out``; with ``mode``, die at the ``at``-th write into it."""
-    import rowcol.rundir as rundir_mod
-    from rowcol.config import resolve_config
-    from rowcol.rundir import resume_config
-    from rowcol.train import train
+    import rowcol.apps.rundir as rundir_mod
+    from rowcol.apps.config import resolve_config
+    from rowcol.apps.rundir import resume_config
+    from rowcol.apps.train import train
 
     writes = [0, 0]  # temp files made, files renamed into place
 
@@ -101,7 +101,7 @@ def _outcome(run: Path) -> tuple:
 @pytest.mark.slow
 def test_a_kill_anywhere_in_a_checkpoint_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     ctx = multiprocessing.get_context('forkserver')
-    ctx.set_forkserver_preload(['rowcol.train', 'matplotlib.figure', 'matplotlib.backends.backend_agg'])
+    ctx.set_forkserver_preload(['rowcol.apps.train', 'matplotlib.figure', 'matplotlib.backends.backend_agg'])
     data, count = str(_folder(tmp_path / 'imgs')), str(tmp_path / 'count')
 
     def run(out: Path, mode: str = '', at: int = 0) -> int:

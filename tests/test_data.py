@@ -1,4 +1,4 @@
-"""Tests for rowcol.data: folder discovery, safe decoding, in-memory datasets and splits."""
+"""Tests for rowcol.apps.data: folder discovery, safe decoding, in-memory datasets and splits."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rowcol.data import (
+from rowcol.apps.data import (
     DEFAULT_BACKGROUND, FileDataset, MemoryData, Samples, decode_to_memory, find_image_folder,
     load_digits_memory, load_image, load_split, load_torchvision_memory, save_split,
     scan_image_folder, stratified_split, stratified_subset,

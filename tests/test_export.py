@@ -1,4 +1,4 @@
-"""Tests for rowcol.export: ONNX keeps each tied W once and matches torch; safetensors round trip."""
+"""Tests for rowcol.apps.export: ONNX keeps each tied W once and matches torch; safetensors round trip."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,8 @@ import torch
 from onnx import numpy_helper
 
 from rowcol.errors import CheckpointError, ConfigError, RowcolError
-from rowcol.checkpoint import load_run as _load_run
-from rowcol.export import add_arguments, check_onnx, export_model, onnx_max_abs_diff, run
+from rowcol.apps.checkpoint import load_run as _load_run
+from rowcol.apps.export import add_arguments, check_onnx, export_model, onnx_max_abs_diff, run
 from rowcol.layers import tied_modules
 from rowcol.models import create_model, dense_twin
 from rowcol.stats import count_params

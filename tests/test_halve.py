@@ -14,7 +14,7 @@ from timm.models.resnet import Bottleneck
 from timm.utils import ModelEmaV3
 
 import rowcol  # noqa: F401  (registers the PE models)
-from rowcol.export import check_onnx, export_onnx_bytes
+from rowcol.apps.export import check_onnx, export_onnx_bytes
 from rowcol.halve import NothingToHalveError, halve
 from rowcol.layers import ATTN_FORMS, PeAttention, PeMlp, TiedLinear, TiedQKV, TiedT
 from rowcol.stats import count_params

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rowcol.checkpoint import load_run, load_weights
-from rowcol.cli import main
+from rowcol.apps.checkpoint import load_run, load_weights
+from rowcol.apps.cli import main
 from rowcol.halve import halve
 from rowcol.layers import PeMlp
 from rowcol.models import create_model
-from rowcol.train import distill_loss
+from rowcol.apps.train import distill_loss
 
 DENSE = 'vit_micro_patch4_16'
 FAST = ['--recipe', 'digits', '--epochs', '1', '--subset', '256', '--batch-size', '32', '--quiet']
@@ -51,8 +51,8 @@ def test_train_halved_timm_model_then_eval_and_resume(tmp_path, capsys):
 
 
 def test_init_from_starts_at_the_halved_dense_weights(dense_run, tmp_path):
-    from rowcol.config import resolve_config
-    from rowcol.train import _build_model, _init_from
+    from rowcol.apps.config import resolve_config
+    from rowcol.apps.train import _build_model, _init_from
     cfg = resolve_config('digits', model=DENSE, halve=True, init_from=str(dense_run))
     classes = json.loads((dense_run / 'config.json').read_text())['classes']
     model = _init_from(cfg, _build_model(cfg, len(classes), halved=False), classes)

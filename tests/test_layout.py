@@ -7,9 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'rowcol'
-# The library: what ``import rowcol`` offers (layers, models, halve) and what they need. Everything
-# else (training, evaluation, data, files, the command line) is an app built on it.
-LIBRARY = {'rowcol', 'rowcol.errors', 'rowcol.layers', 'rowcol.halve', 'rowcol.stats', 'rowcol.models'}
+# The library is every module outside rowcol/apps (layers, models, halve, counting, errors, detection);
+# the apps (training, evaluation, data, files, the command line) live in rowcol/apps, built on it.
+APPS = 'rowcol.apps'
 
 _PROBE = r'''
 import importlib.abc, json, sys, traceback
@@ -39,8 +39,9 @@ def test_import_rowcol_loads_the_library_and_no_app_dependency():
     assert 'matplotlib' not in res['loaded'] and 'onnx' not in res['loaded']
     assert not [f'{name} from {file}' for name, file in res['importers'].items()
                 if Path(file).resolve().is_relative_to(PACKAGE)]
-    apps = [m for m in res['rowcol'] if m not in LIBRARY and not m.startswith('rowcol.models.')]
+    apps = [m for m in res['rowcol'] if not _in_library(m)]
     assert not apps, f'import rowcol loads app modules: {apps}'
+    assert {'rowcol.layers', 'rowcol.halve', 'rowcol.models', 'rowcol.stats'} <= set(res['rowcol'])
 
 
 def _module(path: Path) -> str:
@@ -66,7 +67,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _in_library(module: str) -> bool:
-    return module in LIBRARY or module.startswith('rowcol.models.')
+    return module != 'rowcol.__main__' and module != APPS and not module.startswith(APPS + '.')
 
 
 def test_library_modules_import_no_app_module():
@@ -93,4 +94,15 @@ def test_imports_run_one_way():
     for m in graph:
         if m not in state:
             visit(m, [m])
-    assert {m for m, deps in graph.items() if 'rowcol.train' in deps} <= {'rowcol.compare', 'rowcol.cli'}
+    assert {m for m, deps in graph.items() if 'rowcol.apps.train' in deps} <= {'rowcol.apps.compare', 'rowcol.apps.cli'}
+
+
+def test_readme_python_runs():
+    """The README's Python lines run as written and do what they say."""
+    text = (ROOT / 'README.md').read_text()
+    code = text.split('```python\n', 1)[1].split('```', 1)[0]
+    scope: dict = {}
+    exec(compile(code, 'README.md', 'exec'), scope)
+    rowcol = scope['rowcol']
+    assert rowcol.pe_spec(scope['model'].pretrained_cfg['architecture']) is not None
+    assert scope['mine'].halve_report.tied and rowcol.count_params(scope['mine']) < 0.6 * 28_288_354

@@ -8,7 +8,7 @@ from safetensors.torch import save_model
 import torch.nn as nn
 
 import rowcol
-from rowcol.checkpoint import load_weights, save_weights
+from rowcol.apps.checkpoint import load_weights, save_weights
 from rowcol.errors import CheckpointError, ModelNameError
 from rowcol.layers import TiedLinear, tied_modules
 from rowcol.models import create_model, dense_twin, pe_models, pe_spec

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rowcol.config import DataConfig, TrainConfig, resolve_config
-from rowcol.data import MemoryData
-from rowcol import pipeline
-from rowcol.pipeline import BatchAugment, MemoryLoader, build_data, build_eval_data, eval_split
-from rowcol.runtime import Dist
+from rowcol.apps.config import DataConfig, TrainConfig, resolve_config
+from rowcol.apps.data import MemoryData
+from rowcol.apps import pipeline
+from rowcol.apps.pipeline import BatchAugment, MemoryLoader, build_data, build_eval_data, eval_split
+from rowcol.apps.runtime import Dist
 
 
 def _data(n=24, size=8):

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import rowcol.train as train_mod
-from rowcol import checkpoint as ckpt
-from rowcol.cli import main
-from rowcol.config import resolve_config
-from rowcol.data import scan_image_folder
+import rowcol.apps.train as train_mod
+from rowcol.apps import checkpoint as ckpt
+from rowcol.apps.cli import main
+from rowcol.apps.config import resolve_config
+from rowcol.apps.data import scan_image_folder
 from rowcol.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, RunExistsError, RunLockedError
-from rowcol.rundir import resume_config
-from rowcol.train import train
+from rowcol.apps.rundir import resume_config
+from rowcol.apps.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_pe_micro_patch4_16'
@@ -48,7 +48,7 @@ def test_links_out_of_a_class_folder_or_back_into_it_are_not_followed(tmp_path, 
     os.symlink('..', root / 'cat' / 'loop')  # the dataset root: every class, again and again
     _images(root / 'dog' / 'pups', 3, channel=1)
     os.symlink('pups', root / 'dog' / 'again')  # a folder already scanned
-    with caplog.at_level(logging.WARNING, logger='rowcol.data'):
+    with caplog.at_level(logging.WARNING, logger='rowcol.apps.data'):
         samples = scan_image_folder(root)
     assert samples.labels.count(0) == 20 and samples.labels.count(1) == 23
     assert not any('loop' in p or 'again' in p for p in samples.paths)
@@ -65,7 +65,7 @@ def test_a_link_is_followed_only_to_a_new_folder_inside_its_class_folder(tmp_pat
     (root / 'a' / 'more').mkdir()
     _images(root / 'a' / 'more' / 'deep', 2)
     os.symlink('more/deep', root / 'a' / 'shortcut')  # inside, but reached twice: once only
-    with caplog.at_level(logging.WARNING, logger='rowcol.data'):
+    with caplog.at_level(logging.WARNING, logger='rowcol.apps.data'):
         samples = scan_image_folder(root)
     assert samples.labels.count(0) == 6 and samples.labels.count(1) == 4
     assert 'extra' in caplog.text and 'b/as' in caplog.text and 'shortcut' in caplog.text
@@ -88,7 +88,7 @@ def test_leftover_temp_files_are_removed_and_metrics_cut_to_the_checkpoint(tmp_p
 
 _HOLD = '''
 import sys, time
-from rowcol.checkpoint import RunLock
+from rowcol.apps.checkpoint import RunLock
 RunLock(sys.argv[1]).acquire()
 print('locked', flush=True)
 time.sleep(120)

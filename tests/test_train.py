@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
-import rowcol.train as train_mod
-from rowcol.config import TrainConfig, config_from_dict, resolve_config
+import rowcol.apps.train as train_mod
+from rowcol.apps.config import TrainConfig, config_from_dict, resolve_config
 from rowcol.errors import CheckpointError, ConfigError, NonFiniteLossError, RunExistsError
 from rowcol.layers import tied_modules
 from rowcol.models import create_model
 from rowcol.stats import count_params
-from rowcol.rundir import resume_config
-from rowcol.train import train
+from rowcol.apps.rundir import resume_config
+from rowcol.apps.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_pe_micro_patch4_16'
@@ -250,8 +250,8 @@ def test_wrong_types_are_refused_naming_the_key():
 
 
 def test_command_line_values_have_the_config_types(tmp_path):
-    from rowcol.cli import _overrides, build_parser
-    from rowcol.config import FIELD_TYPES
+    from rowcol.apps.cli import _overrides, build_parser
+    from rowcol.apps.config import FIELD_TYPES
     args = build_parser().parse_args(['train', '--epochs', '3', '--lr', '1', '--warmup-epochs', '2', '--halve',
                                       '--no-in-memory', '--model-kwargs', '{"depth": 1}', '--val-split', '0.1',
                                       '--auto-augment', 'rand-m9', '--max-steps', '0'])
@@ -265,14 +265,14 @@ def test_command_line_values_have_the_config_types(tmp_path):
 
 
 def test_recipe_epochs_are_the_documented_ones():
-    from rowcol.config import RECIPES
+    from rowcol.apps.config import RECIPES
     assert resolve_config('cifar_vit').epochs == 25 and '--epochs 25' in RECIPES['cifar_vit'].__doc__
     assert resolve_config('cifar_resnet').epochs == 30 and '--epochs 30' in RECIPES['cifar_resnet'].__doc__
     assert TrainConfig() == resolve_config()  # the dataclass defaults are the default recipe's
 
 
 def test_train_state_is_the_loop_entry_of_train_state_pt(tmp_path):
-    from rowcol.train import TrainState
+    from rowcol.apps.train import TrainState
     loop = {'epoch': 1, 'batch': 3, 'step': 11, 'best_top1': 41.5, 'nonfinite': 0, 'loss_sum': 12.25, 'count': 96.0,
             'seconds': 4.5}  # as every run directory stores it
     state = TrainState.from_dict(loop)

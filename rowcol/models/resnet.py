@@ -160,7 +160,8 @@ class PeStage(nn.Module):
             shortcut = x
         elif self._recompute(x):
             first = [True]  # running statistics move in the forward pass, not in the recomputation
-            h, shortcut = torch.utils.checkpoint.checkpoint(self._entry, x, first, use_reentrant=False)
+            h, shortcut = torch.utils.checkpoint.checkpoint(self._entry, x, first, use_reentrant=False,
+                                                              preserve_rng_state=False)  # nothing random in it
         else:
             x = self._widen(x)
             shortcut = self._downsample(x) if self.downsample is not None else x
