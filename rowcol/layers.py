@@ -9,7 +9,9 @@ map works in W's column space, the second in its row space, and because ``F`` mo
 Everything that ties a weight lives in :class:`TiedLinear`: one ``nn.Parameter`` ``W`` of
 shape ``(out, in)``, applied as ``W`` by :meth:`TiedLinear.forward` / :meth:`TiedLinear.conv`
 and as ``Wᵀ`` by :meth:`TiedLinear.forward_t` / :meth:`TiedLinear.conv_t`. No copy of ``W``
-or ``Wᵀ`` is stored: ``Wᵀ`` is applied as ``x W`` (W the right-hand GEMM operand, read in place).
+or ``Wᵀ`` is kept as a parameter or buffer: ``Wᵀ`` is applied as ``x W`` (W the right-hand GEMM
+operand, read in place). The one per-call copy is the fused Q/K/V operand ``[W_q; W_kv; W_kvᵀ]`` of
+:func:`fused_projection` (one GEMM instead of three; ``PeAttention.fused_qkv = False`` turns it off).
 
 Built on it here:
 

@@ -361,3 +361,28 @@ def test_resnet_pe_bf16_autocast_matches_fp32_closely():
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(x).float()
     assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_resnet_pe_stage_entry_respects_each_batchnorm_own_mode():
+    """Frozen (timm's FrozenBatchNorm2d) or eval-mode BatchNorms in a training model run as
+    themselves in the stage entry: no error, no batch statistics, running statistics unchanged."""
+    from timm.layers import freeze_batch_norm_2d
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    frozen = freeze_batch_norm_2d(create_model('resnet26_pe_cifar')).train()
+    frozen(x).sum().backward()  # FrozenBatchNorm2d has no momentum: the entry must not treat it as a BatchNorm2d
+    model = create_model('resnet26_pe_cifar').train()
+    bns = [m for m in model.layer3.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.eval()
+    before = [bn.running_mean.clone() for bn in bns]
+    model(x).sum().backward()
+    assert all(torch.equal(b, bn.running_mean) for b, bn in zip(before, bns))
+    model.eval()
+    for bn in bns:
+        bn.train()  # re-calibration: BNs in training mode inside an eval model keep updating
+    with torch.no_grad():
+        model(x)
+    ds1, ds2 = model.layer3.downsample[1], model.layer3.downsample[2]
+    assert not torch.equal(before[bns.index(ds1)], ds1.running_mean)  # not folded away by the eval path
+    assert not torch.equal(before[bns.index(ds2)], ds2.running_mean)

@@ -76,7 +76,8 @@ def _record(model: nn.Module):
     for name, m in tied_modules(model):
         wrap(name, m, 'forward_t', False)
         wrap(name, m, 'conv_t', True)
-    fused = [m for m in model.modules() if isinstance(m, (PeAttention, TiedQKV))]
+    fused = {m: {k: m.__dict__[k] for k in ('fused_qkv', 'fused') if k in m.__dict__}
+             for m in model.modules() if isinstance(m, (PeAttention, TiedQKV))}
     for m in fused:  # one GEMM per projection, so that every Wᵀ use passes through forward_t
         m.fused_qkv = m.fused = False
     try:
@@ -85,8 +86,9 @@ def _record(model: nn.Module):
         for _, m in tied_modules(model):
             m.__dict__.pop('forward_t', None)
             m.__dict__.pop('conv_t', None)
-        for m in fused:
+        for m, own in fused.items():  # back to what the instance had (usually the class's default)
             del m.fused_qkv, m.fused
+            m.__dict__.update(own)
 
 
 def _spectrum(w: torch.Tensor) -> list[float]:

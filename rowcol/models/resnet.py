@@ -104,6 +104,13 @@ class PeBottleneck(nn.Module):
         return self.act3(self.drop_path(h) + shortcut)  # (B, C, H/s, W/s)
 
 
+def _plain_training_bn(bn: nn.Module) -> bool:
+    """An ``nn.BatchNorm2d`` in training mode with running statistics and no hooks, which
+    :func:`_batch_norm` reproduces; anything else (frozen, synced, eval-mode, hooked) runs as itself."""
+    return (type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
+            and not (bn._forward_hooks or bn._forward_pre_hooks))
+
+
 def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tensor:
     """``bn(x)`` in training mode; its running statistics move only if ``update`` (so that a
     recomputation in the backward pass leaves them as the forward pass left them)."""
@@ -175,8 +182,13 @@ class PeStage(nn.Module):
         return x
 
     def _recompute(self, x: torch.Tensor) -> bool:
-        return (self.recompute_entry and self.training and torch.is_grad_enabled() and not is_fx_tracing()
-                and not torch.compiler.is_compiling())  # inductor plans its own recomputation
+        return (self.recompute_entry and torch.is_grad_enabled() and not is_fx_tracing()
+                and not torch.compiler.is_compiling()  # inductor plans its own recomputation
+                and all(_plain_training_bn(bn) for bn in self._entry_norms()))
+
+    def _entry_norms(self) -> list[nn.Module]:
+        return [m for seq in (self.widen, self.downsample) if seq is not None for m in seq
+                if not isinstance(m, (nn.Conv2d, nn.GELU))]
 
     def _entry(self, x: torch.Tensor, first: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """(block 0's W x, block 0's shortcut) from the stage input, BatchNorms in training mode."""
@@ -195,9 +207,10 @@ class PeStage(nn.Module):
 
     def _downsample(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn1, bn2 = self.downsample
-        if self.training:
+        if bn1.training or bn2.training or getattr(bn1, 'running_var', None) is None \
+                or getattr(bn2, 'running_var', None) is None:
             return self._fp32_on_cpu(lambda t: bn2(bn1(conv(t))), x)
-        # eval: BN2(BN1(y)) is one per-channel affine y * a + b
+        # both BNs in eval mode: BN2(BN1(y)) is one per-channel affine y * a + b
         a1 = bn1.weight * torch.rsqrt(bn1.running_var + bn1.eps)
         a2 = bn2.weight * torch.rsqrt(bn2.running_var + bn2.eps)
         a, b = a1 * a2, (bn1.bias - bn1.running_mean * a1 - bn2.running_mean) * a2 + bn2.bias
