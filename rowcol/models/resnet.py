@@ -105,10 +105,9 @@ class PeBottleneck(nn.Module):
 
 
 def _plain_training_bn(bn: nn.Module) -> bool:
-    """An ``nn.BatchNorm2d`` in training mode with running statistics and no hooks, which
-    :func:`_batch_norm` reproduces; anything else (frozen, synced, eval-mode, hooked) runs as itself."""
-    return (type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
-            and not (bn._forward_hooks or bn._forward_pre_hooks))
+    """An ``nn.BatchNorm2d`` in training mode with running statistics, which :func:`_batch_norm`
+    reproduces; anything else (frozen, synced, eval-mode) runs as itself."""
+    return type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
 
 
 def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tensor:
@@ -130,8 +129,10 @@ class PeStage(nn.Module):
     ``recompute_entry`` (eager training only): the stage entry (widening, concatenation,
     strided identity and block 0's ``W x``) keeps only its input for the backward pass and runs
     again there, so the widened tensor and the entry's normalised tensors are never held; the
-    outputs, gradients and running statistics are those of the plain path (tested). In eval mode
-    the identity's two BatchNorms act as one per-channel affine.
+    outputs, gradients and running statistics are those of the plain path (tested). The entry's
+    BatchNorms are then applied as functions, so forward hooks on them do not fire: set
+    ``recompute_entry = False`` (on the class or one stage) where they must. In eval mode the
+    identity's two BatchNorms act as one per-channel affine.
     """
     recompute_entry: bool = True
 
