@@ -40,7 +40,7 @@ def main() -> None:
 
 def _loader(run: Path, cfg, data: str):
     d = model_defaults(cfg.model)
-    loader, _ = build_eval_data(data, cfg, cfg.img_size or d['input_size'][-1], d['mean'], d['std'],
+    loader, _ = build_eval_data(data, cfg.data_config(), cfg.img_size or d['input_size'][-1], d['mean'], d['std'],
                                 json.loads((run / 'split.json').read_text()))
     return loader
 

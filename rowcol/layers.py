@@ -192,10 +192,10 @@ def fused_projection(x: torch.Tensor, operands: list[tuple[torch.Tensor, torch.T
     return F.linear(x, weight, bias)
 
 
-def _fuse(x: torch.Tensor) -> bool:
+def _fuse(m: nn.Module) -> bool:
     # ONNX export folds the concatenation of initialisers into a constant that holds W twice;
     # export keeps the per-projection GEMMs, which read each W once
-    return not torch.onnx.is_in_onnx_export()
+    return m.fused_qkv and not torch.onnx.is_in_onnx_export()
 
 
 class TiedQKV(nn.Module):
@@ -203,10 +203,10 @@ class TiedQKV(nn.Module):
 
     For attention modules whose forward reads one ``qkv`` output (Swin's window attention,
     PVT-v2's ``kv`` with ``parts='kv'``). The output projection becomes a :class:`TiedT` of
-    :attr:`out_src`. Forms as :data:`ATTN_FORMS`. ``fused``: one GEMM for all projections
+    :attr:`out_src`. Forms as :data:`ATTN_FORMS`. ``fused_qkv``: one GEMM for all projections
     (:func:`fused_projection`), else one per projection; same outputs and gradients.
     """
-    fused: bool = True
+    fused_qkv: bool = True
 
     def __init__(self, dim: int, form: str = 'qo_kv', bias: bool = True, parts: str = 'qkv',
                  device=None, dtype=None) -> None:
@@ -238,7 +238,7 @@ class TiedQKV(nn.Module):
         return self.q if self.form == 'qo_kv' else self.vo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and _fuse(x):
+        if _fuse(self):
             return fused_projection(x, _qkv_operands(self, self.form, self.parts))  # (..., 3d) or (..., 2d)
         if self.parts == 'kv':
             return torch.cat([self.kv(x), self.kv.forward_t(x)], dim=-1)  # (..., 2d): [K | V]
@@ -374,7 +374,7 @@ class PeAttention(nn.Module):
             self.scale_out = nn.Parameter(torch.ones(dim, **dd))  # on the output projection
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fused_qkv and _fuse(x):  # one (B, N, d) x (d, 3d) GEMM, as timm's qkv Linear
+        if _fuse(self):  # one (B, N, d) x (d, 3d) GEMM, as timm's qkv Linear
             q, k, v = fused_projection(x, _qkv_operands(self, self.form)).chunk(3, dim=-1)
         else:
             q, k, v = self._project_each(x)

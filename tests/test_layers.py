@@ -184,7 +184,7 @@ def test_fused_tied_qkv_equals_one_gemm_per_projection(form, parts):
     qkv = _rand_(TiedQKV(12, form=form, parts=parts))
     x = torch.randn(3, 4, 12)
     fused = _grads(qkv, x)
-    qkv.fused = False
+    qkv.fused_qkv = False
     each = _grads(qkv, x)
     assert fused[0].shape == (3, 4, 12 * len(parts))
     for a, b in zip(fused[:2], each[:2]):

@@ -76,10 +76,9 @@ def _record(model: nn.Module):
     for name, m in tied_modules(model):
         wrap(name, m, 'forward_t', False)
         wrap(name, m, 'conv_t', True)
-    fused = {m: {k: m.__dict__[k] for k in ('fused_qkv', 'fused') if k in m.__dict__}
-             for m in model.modules() if isinstance(m, (PeAttention, TiedQKV))}
+    fused = {m: m.__dict__.get('fused_qkv') for m in model.modules() if isinstance(m, (PeAttention, TiedQKV))}
     for m in fused:  # one GEMM per projection, so that every Wᵀ use passes through forward_t
-        m.fused_qkv = m.fused = False
+        m.fused_qkv = False
     try:
         yield stats
     finally:
@@ -87,8 +86,9 @@ def _record(model: nn.Module):
             m.__dict__.pop('forward_t', None)
             m.__dict__.pop('conv_t', None)
         for m, own in fused.items():  # back to what the instance had (usually the class's default)
-            del m.fused_qkv, m.fused
-            m.__dict__.update(own)
+            del m.fused_qkv
+            if own is not None:
+                m.fused_qkv = own
 
 
 def _spectrum(w: torch.Tensor) -> list[float]:

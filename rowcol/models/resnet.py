@@ -110,6 +110,10 @@ def _plain_training_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
 
 
+def _call(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return bn(x)  # the module itself: its mode, hooks and running statistics
+
+
 def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tensor:
     """``bn(x)`` in training mode; its running statistics move only if ``update`` (so that a
     recomputation in the backward pass leaves them as the forward pass left them)."""
@@ -166,7 +170,7 @@ class PeStage(nn.Module):
         h = None  # block 0's W x, when the entry computed it
         if self.widen is None and self.downsample is None:
             shortcut = x
-        elif self._recompute(x):
+        elif self._recompute():
             first = [True]  # running statistics move in the forward pass, not in the recomputation
             h, shortcut = torch.utils.checkpoint.checkpoint(self._entry, x, first, use_reentrant=False,
                                                               preserve_rng_state=False)  # nothing random in it
@@ -182,35 +186,32 @@ class PeStage(nn.Module):
             # with h0 given, block 0 reads only h0 and the shortcut: the widened x never exists here
         return x
 
-    def _recompute(self, x: torch.Tensor) -> bool:
+    def _recompute(self) -> bool:
+        norms = ([self.widen[1]] if self.widen is not None else []) + \
+            (list(self.downsample[1:]) if self.downsample is not None else [])
         return (self.recompute_entry and torch.is_grad_enabled() and not is_fx_tracing()
                 and not torch.compiler.is_compiling()  # inductor plans its own recomputation
-                and all(_plain_training_bn(bn) for bn in self._entry_norms()))
-
-    def _entry_norms(self) -> list[nn.Module]:
-        return [m for seq in (self.widen, self.downsample) if seq is not None for m in seq
-                if not isinstance(m, (nn.Conv2d, nn.GELU))]
+                and all(_plain_training_bn(bn) for bn in norms))
 
     def _entry(self, x: torch.Tensor, first: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """(block 0's W x, block 0's shortcut) from the stage input, BatchNorms in training mode."""
         update, first[0] = first[0], False
-        if self.widen is not None:
-            conv, bn, act = self.widen
-            x = torch.cat([act(_batch_norm(bn, conv(x), update)), x], dim=1)  # (B, C, H, W): [new, x]
-        shortcut = x
-        if self.downsample is not None:
-            conv, bn1, bn2 = self.downsample
-            shortcut = self._fp32_on_cpu(lambda t: _batch_norm(bn2, _batch_norm(bn1, conv(t), update), update), x)
+        norm = lambda bn, t: _batch_norm(bn, t, update)  # noqa: E731
+        x = self._widen(x, norm)  # (B, C, H, W)
+        shortcut = self._downsample(x, norm) if self.downsample is not None else x
         return self.blocks[0].first_map(x, self.w), shortcut
 
-    def _widen(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.widen is None else torch.cat([self.widen(x), x], dim=1)  # (B, C, H, W): [new, x]
+    def _widen(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
+        if self.widen is None:
+            return x
+        conv, bn, act = self.widen
+        return torch.cat([act(norm(bn, conv(x))), x], dim=1)  # (B, C, H, W): [new, x]
 
-    def _downsample(self, x: torch.Tensor) -> torch.Tensor:
+    def _downsample(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
         conv, bn1, bn2 = self.downsample
         if bn1.training or bn2.training or getattr(bn1, 'running_var', None) is None \
                 or getattr(bn2, 'running_var', None) is None:
-            return self._fp32_on_cpu(lambda t: bn2(bn1(conv(t))), x)
+            return self._fp32_on_cpu(lambda t: norm(bn2, norm(bn1, conv(t))), x)
         # both BNs in eval mode: BN2(BN1(y)) is one per-channel affine y * a + b
         a1 = bn1.weight * torch.rsqrt(bn1.running_var + bn1.eps)
         a2 = bn2.weight * torch.rsqrt(bn2.running_var + bn2.eps)
