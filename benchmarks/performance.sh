@@ -14,10 +14,11 @@ $py benchmarks/speed_table.py --out "$out"                         # PE / dense 
            "--model resnet50_pe --vs resnet50_pe_untied --batch-size 16 --channels-last" "--model vit_pe_tiny_patch4_32 --batch-size 64" \
            "--model vit_pe_small_patch16_224 --batch-size 16" "--model vit_pe_nano_patch4_32 --batch-size 128"; do
     for amp in "" "--amp bf16"; do
-      echo "$a $amp: $($py benchmarks/saved_tensors.py $a $amp --top 0 | head -1)"
+      echo "$a $amp: $($py benchmarks/saved_tensors.py $a $amp --top 0 --peak | head -2 | tr '\n' ' ')"
     done
   done
-} > "$out/saved_tensors.txt"                                         # bytes saved for backward
+} > "$out/saved_tensors.txt"                                         # bytes saved for backward, live peak
+$py benchmarks/depthwise_bf16.py > "$out/depthwise_bf16.json"       # why the stage entry's conv runs in fp32
 for m in vit_pe_nano_patch4_32 resnet26_pe_cifar; do
   $py benchmarks/loop_vs_timm.py --model $m --steps 15 --repeats 3 > "$out/loop-$m.json"
 done

@@ -1,7 +1,7 @@
 """benchmarks/: run_experiments.py (plans; deadline, SIGTERM and resume with real ``rowcol train``
 runs), speed_table.py (which benches run in which order; a tiny table end to end; profiles),
 profile_pair.py (the op-time comparison), perf_tables.py (the bench table), saved_tensors.py (memory
-kept for backward) and ab_switch.py (a switch on and off)."""
+kept for backward), ab_switch.py (a switch on and off) and depthwise_bf16.py (one conv's op times)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import ab_switch  # noqa: E402
+import depthwise_bf16  # noqa: E402
 import perf_tables  # noqa: E402
 import profile_pair  # noqa: E402
 import run_experiments  # noqa: E402
@@ -234,3 +235,13 @@ def test_ab_switch_times_both_settings_and_restores_the_switch(monkeypatch, caps
     monkeypatch.setattr(sys, 'argv', ['ab_switch.py', '--model', MICRO, '--switch', 'rowcol.layers.PeAttention.num_heads'])
     with pytest.raises(SystemExit, match='not a boolean'):
         ab_switch.main()
+
+
+def test_depthwise_bf16_times_each_op_in_both_dtypes(monkeypatch, capsys, one_thread):
+    monkeypatch.setattr(sys, 'argv', ['depthwise_bf16.py', '--channels', '4', '--size', '7', '--batch-size', '2',
+                                      '--repeats', '1'])
+    depthwise_bf16.main()
+    out = json.loads(capsys.readouterr().out)
+    for dtype in ('float32', 'bfloat16'):
+        assert set(out[dtype]) == {'forward', 'input_grad', 'weight_grad', 'input_grad_as_conv_transpose'}
+        assert all(v > 0 for v in out[dtype].values())

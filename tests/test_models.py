@@ -159,8 +159,10 @@ def test_resnet_pe_stage_layout():
         create_model('resnet50_pe', tie='layer')
 
 
-def test_resnet_pe_block_formula():
-    """x1 = ReLU(BN(Wᵀ G(W x)) + identity) with hand-made convs and a transposed copy of W."""
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_resnet_pe_block_formula(channels_last):
+    """x1 = ReLU(BN(Wᵀ G(W x)) + identity) with hand-made convs and a transposed copy of W, the
+    widened input [new, x] written out (the stage itself maps its two parts separately)."""
     model = create_model('resnet26_pe_cifar').eval()
     stage = model.layer3
     with torch.no_grad():
@@ -168,6 +170,8 @@ def test_resnet_pe_block_formula():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_()
     x = torch.randn(2, 128, 8, 8)
+    if channels_last:
+        stage, x = stage.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     widened = torch.cat([stage.widen(x), x], 1)
     W = stage.w.weight.detach()
     blk = stage.blocks[0]
@@ -185,22 +189,52 @@ def test_resnet_pe_block_formula():
 
 
 def test_resnet_pe_stage_entry_conv_precision_under_cpu_bf16():
-    """Under CPU bf16 autocast the strided depthwise conv at a PE stage's entry runs in fp32 when a
-    backward may follow (oneDNN's bf16 backward of it is slow) and in bf16 without grad."""
+    """Under CPU bf16 autocast the strided depthwise conv at a PE stage's entry runs in fp32, forward
+    and backward, when a backward may follow (oneDNN's bf16 input gradient of it is slow) and in
+    bf16 without grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    ops = []
+
+    class Convs(TorchDispatchMode):  # (op, dtype) of every strided grouped convolution and its gradients
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+                fwd = func is torch.ops.aten.convolution.default
+                stride, groups = (args[3], args[8]) if fwd else (args[4], args[9])
+                if tuple(stride) == (2, 2) and groups > 1:
+                    ops.append((func.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
     stage = create_model('resnet26_pe_cifar').layer3
-    dtypes = []
-    stage.downsample[0].register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
     x = torch.randn(2, 128, 8, 8)
-    with torch.autocast('cpu', torch.bfloat16):
-        stage(x).float().sum().backward()  # the forward and the entry's recomputation in backward
-        assert set(dtypes) == {torch.float32}
-        dtypes.clear()
-        with torch.no_grad():
+    with torch.autocast('cpu', torch.bfloat16), Convs():
+        stage(x).float().sum().backward()  # the forward, the entry's recomputation and the backward
+        assert {dt for _, dt in ops} == {torch.float32}
+        assert {op for op, _ in ops} == {'convolution.default', 'convolution_backward.default'}
+        ops.clear()
+        with torch.no_grad():  # (inference_mode's ops do not reach a dispatch mode)
             stage(x)
-        with torch.inference_mode():
-            stage(x)
-    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert {dt for _, dt in ops} == {torch.bfloat16} and len(ops) == 2  # one per part
     assert stage.downsample[0].weight.grad is not None
+
+
+@pytest.mark.parametrize('size', [16, 15])
+def test_upcast_depthwise_gradients_equal_autograd_of_the_fp32_conv(size):
+    """The fp32-in-bf16-out depthwise conv's own backward (weight gradient by batch quarters, input
+    gradient as a transposed conv) equals autograd's gradients of the plain fp32 conv."""
+    from rowcol.models.resnet import _UpcastDepthwise
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 3, 3)
+    g = torch.randn(6, 8, (size + 1) // 2, (size + 1) // 2).to(torch.bfloat16)
+    a, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = _UpcastDepthwise.apply(a, wa, (2, 2), (1, 1))
+    y.backward(g)
+    b, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = nn.functional.conv2d(b.float(), wb, None, 2, 1, 1, 8).to(torch.bfloat16)
+    ref.backward(g)
+    assert y.dtype == a.grad.dtype == torch.bfloat16 and wa.grad.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2)  # bf16 rounding of fp32 results
+    torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-4)
 
 
 def _train_step(model, x):
@@ -246,6 +280,34 @@ def test_resnet_pe_recomputed_stage_entry_equals_the_plain_path(name, kwargs, ch
     assert int(model.layer3.downsample[1].num_batches_tracked) == 1  # moved once, not again in the recomputation
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_resnet_pe_strided_entry_never_writes_the_widened_tensor(channels_last):
+    """No op of a strided PE stage's training step (forward, recomputation, backward) or inference
+    outputs a (B, C, H, W) tensor: the widened input and its gradient are never written."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    shapes = set()
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.update(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+    stage = create_model('resnet26_pe_cifar').layer3.train()
+    x = torch.randn(2, 128, 16, 16, requires_grad=True)
+    if channels_last:
+        stage = stage.to(memory_format=torch.channels_last)
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with Shapes():
+        stage(x).sum().backward()
+        stage.eval()
+        with torch.no_grad():
+            stage(x)
+    assert (2, 128, 16, 16) in shapes and (2, 256, 8, 8) in shapes  # the recorder sees the parts and the output
+    assert (2, 256, 16, 16) not in shapes
+    assert stage.w.weight.grad is not None and x.grad.shape == x.shape
+
+
 def test_resnet_pe_entry_saves_less_for_backward():
     """What the PE stage entry holds for the backward pass: only its input, with the recomputation."""
     from rowcol.models.resnet import PeStage
@@ -261,8 +323,8 @@ def test_resnet_pe_entry_saves_less_for_backward():
             stage(x)
         sizes[recompute] = sum(seen.values())
     PeStage.recompute_entry = True
-    widened = 8 * 256 * 16 * 16 * 4  # bytes of the (B, 4m, H, W) fp32 widened input
-    assert sizes[False] - sizes[True] >= widened * 2  # the widened tensor and the widening's normalised one
+    half = 8 * 128 * 16 * 16 * 4  # bytes of the (B, C_in, H, W) fp32 stage input: the widening adds as many
+    assert sizes[False] - sizes[True] >= half * 4  # the new channels before and after BN and GELU, and the input
 
 
 @pytest.mark.parametrize('name', ['vit_pe_micro_patch4_16', 'resnet26_pe_cifar', 'vit_pe_tiny_patch16_224'])

@@ -23,9 +23,10 @@ and max-pool with one 3×3 stride-1 conv for 32-px images.
 
 Deviations: like timm's ResNet-50 (the dense twin) the last BN of every block starts at zero
 (``zero_init_last``); the paper does not say. Under CPU bf16 autocast the strided depthwise
-identity conv and its BNs run in fp32 (for speed) and return bf16. In eager training the stage
-entry is recomputed in the backward pass instead of stored (``PeStage.recompute_entry``), and in
-eval mode the two BNs in a row act as one affine: execution details with the same outputs.
+identity conv runs in fp32 when a backward may follow (for speed) and returns bf16. Execution
+details with the same outputs: the widened tensor of a strided stage is never written (its two
+parts are mapped separately), in eager training the stage entry is recomputed in the backward pass
+instead of stored (``PeStage.recompute_entry``), and in eval mode the two BNs in a row act as one affine.
 The CIFAR-sized models are rowcol's additions.
 """
 from __future__ import annotations
@@ -84,11 +85,16 @@ class PeBottleneck(nn.Module):
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
-    def first_map(self, x: torch.Tensor, w: TiedLinear | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, m, H, W): W x (the stage's W, the block's own, or the untied conv1)."""
-        if self.tie == 'none':
-            return self.conv1(x)
-        return (self.w if self.tie == 'block' else w).conv(x)
+    def first_map(self, x: torch.Tensor | list[torch.Tensor], w: TiedLinear | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, m, H, W): W x (the stage's W, the block's own, or the untied conv1).
+
+        ``x`` may be a list of tensors whose channel concatenation is the input: each part is then
+        mapped by its block of W's columns and the results summed, so the concatenation is never written.
+        """
+        if not isinstance(x, list):  # a tensor (or an FX proxy)
+            return self.conv1(x) if self.tie == 'none' else (self.w if self.tie == 'block' else w).conv(x)
+        weight = self.conv1.weight.flatten(1) if self.tie == 'none' else (self.w if self.tie == 'block' else w).weight
+        return _conv1x1_of_parts(x, weight)
 
     def forward(self, x: torch.Tensor, w: TiedLinear | None = None,
                 shortcut: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +108,63 @@ class PeBottleneck(nn.Module):
         h = self.conv3(h) if self.tie == 'none' else w.conv_t(h)  # (B, C, H/s, W/s): Wᵀ G(W x)
         h = self.bn3(h)
         return self.act3(self.drop_path(h) + shortcut)  # (B, C, H/s, W/s)
+
+
+def _conv1x1_of_parts(parts: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The 1×1 conv with ``weight`` (out, sum of the parts' channels) of the parts' channel
+    concatenation: one GEMM per part with its block of columns (a view of ``weight``), accumulated."""
+    widths = [p.shape[1] for p in parts]
+    blocks = weight.split(widths, dim=1)  # (out, c_i) views, no copy
+    if not all(p.is_contiguous(memory_format=torch.channels_last) for p in parts):
+        y = F.conv2d(parts[0], blocks[0][:, :, None, None])  # conv2d copies each column block
+        for p, wb in zip(parts[1:], blocks[1:]):
+            y = y + F.conv2d(p, wb[:, :, None, None])
+        return y
+    B, _, H, W = parts[0].shape
+    y = None  # (B·H·W, out): channels_last parts are (B, H, W, c_i) in memory, GEMM operands as they are
+    for p, wb in zip(parts, blocks):
+        p2 = p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
+        y = torch.mm(p2, wb.t()) if y is None else torch.addmm(y, p2, wb.t())
+    return y.view(B, H, W, -1).permute(0, 3, 1, 2)  # (B, out, H, W), channels_last
+
+
+class _UpcastDepthwise(torch.autograd.Function):
+    """A depthwise conv (bias-free, dilation 1) of a bf16 input run in fp32, returning bf16.
+
+    oneDNN's bf16 input gradient of a strided depthwise conv is over ten times slower than fp32's on
+    the CPU (docs/PERFORMANCE.md). ``x`` is kept for backward as it came; in backward the fp32 copies
+    are made a quarter of the batch at a time (whole, they set the peak memory of a CIFAR ResNet-PE
+    training step), and the input gradient is the transposed convolution, which needs no copy of ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = stride, padding
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x.float(), weight, None, stride, padding, 1, x.shape[1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.conf
+        with torch.autocast(x.device.type, enabled=False):  # a backward called inside autocast would reach here
+            return _UpcastDepthwise._grads(ctx, grad, x, weight, stride, padding)
+
+    @staticmethod
+    def _grads(ctx, grad, x, weight, stride, padding):
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            gw = sum(torch.ops.aten.convolution_backward(g.float(), xc.float(), weight, None, stride, padding, (1, 1),
+                                                         False, (0, 0), x.shape[1], (False, True, False))[1]
+                     for g, xc in zip(grad.chunk(4), x.chunk(4)))
+        if ctx.needs_input_grad[0]:
+            k = weight.shape[-2:]
+            extra = [x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + k[i]) for i in (0, 1)]
+            gx = torch.empty_like(x)
+            for g, out in zip(grad.chunk(4), gx.chunk(4)):
+                out.copy_(F.conv_transpose2d(g.float(), weight, None, stride, padding, extra, x.shape[1]))
+        return gx, gw, None, None
 
 
 def _plain_training_bn(bn: nn.Module) -> bool:
@@ -130,13 +193,16 @@ def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tens
 class PeStage(nn.Module):
     """A PE stage: optional widening, strided identity for block 0, blocks sharing one W.
 
-    ``recompute_entry`` (eager training only): the stage entry (widening, concatenation,
-    strided identity and block 0's ``W x``) keeps only its input for the backward pass and runs
-    again there, so the widened tensor and the entry's normalised tensors are never held; the
-    outputs, gradients and running statistics are those of the plain path (tested). The entry's
-    BatchNorms are then applied as functions, so forward hooks on them do not fire: set
-    ``recompute_entry = False`` (on the class or one stage) where they must. In eval mode the
-    identity's two BatchNorms act as one per-channel affine.
+    The widened input [new, x] of a strided stage is never written: the depthwise conv (per
+    channel) and block 0's ``W x`` (linear) map each part on their own (:meth:`_entry`), so the
+    depthwise conv's module hooks do not fire there.
+
+    ``recompute_entry`` (eager training only): the stage entry (widening, strided identity and
+    block 0's ``W x``) keeps only its input for the backward pass and runs again there, so the
+    entry's normalised tensors are never held; the outputs, gradients and running statistics
+    are those of the plain path (tested). The entry's BatchNorms are then applied as functions,
+    so forward hooks on them do not fire: set ``recompute_entry = False`` (on the class or one
+    stage) where they must. In eval mode the identity's two BatchNorms act as one per-channel affine.
     """
     recompute_entry: bool = True
 
@@ -172,18 +238,17 @@ class PeStage(nn.Module):
             shortcut = x
         elif self._recompute():
             first = [True]  # running statistics move in the forward pass, not in the recomputation
-            h, shortcut = torch.utils.checkpoint.checkpoint(self._entry, x, first, use_reentrant=False,
+            h, shortcut = torch.utils.checkpoint.checkpoint(self._recomputed_entry, x, first, use_reentrant=False,
                                                               preserve_rng_state=False)  # nothing random in it
         else:
-            x = self._widen(x)
-            shortcut = self._downsample(x) if self.downsample is not None else x
+            h, shortcut = self._entry(x)
         for i, blk in enumerate(self.blocks):
             sc, h0 = (shortcut, h) if i == 0 else (None, None)
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(blk, x, self.w, sc, h0, use_reentrant=False)
             else:
                 x = blk(x, self.w, sc, h0)
-            # with h0 given, block 0 reads only h0 and the shortcut: the widened x never exists here
+            # with h0 given, block 0 reads only h0 and the shortcut
         return x
 
     def _recompute(self) -> bool:
@@ -193,42 +258,59 @@ class PeStage(nn.Module):
                 and not torch.compiler.is_compiling()  # inductor plans its own recomputation
                 and all(_plain_training_bn(bn) for bn in norms))
 
-    def _entry(self, x: torch.Tensor, first: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block 0's W x, block 0's shortcut) from the stage input, BatchNorms in training mode."""
+    def _recomputed_entry(self, x: torch.Tensor, first: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_entry` with the BatchNorms in training mode, their statistics moved on the first call only."""
         update, first[0] = first[0], False
-        norm = lambda bn, t: _batch_norm(bn, t, update)  # noqa: E731
-        x = self._widen(x, norm)  # (B, C, H, W)
-        shortcut = self._downsample(x, norm) if self.downsample is not None else x
-        return self.blocks[0].first_map(x, self.w), shortcut
+        return self._entry(x, lambda bn, t: _batch_norm(bn, t, update))
 
-    def _widen(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
-        if self.widen is None:
-            return x
+    def _entry(self, x: torch.Tensor, norm=_call) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block 0's W x, block 0's shortcut) from the stage input.
+
+        The widened input [new, x] feeds only maps that act on channels separately (the depthwise
+        conv, the BatchNorms) or linearly (W), so with a strided identity each part is mapped on its
+        own and the widened tensor is never written; at stride 1 it is the shortcut itself.
+        """
+        parts = [x] if self.widen is None else [self._new(x, norm), x]
+        if self.downsample is None or is_fx_tracing():  # FX cannot split by traced channel counts
+            x = torch.cat(parts, dim=1) if len(parts) > 1 else x  # (B, C, H, W): [new, x]
+            return self.blocks[0].first_map(x, self.w), (x if self.downsample is None else self._downsample([x], norm))
+        return self.blocks[0].first_map(parts, self.w), self._downsample(parts, norm)
+
+    def _new(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
         conv, bn, act = self.widen
-        return torch.cat([act(norm(bn, conv(x))), x], dim=1)  # (B, C, H, W): [new, x]
+        return act(norm(bn, conv(x)))  # (B, C - C_in, H, W): the channels the widening adds
 
-    def _downsample(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
-        conv, bn1, bn2 = self.downsample
+    def _downsample(self, parts: list[torch.Tensor], norm=_call) -> torch.Tensor:
+        """BN(BN(strided depthwise conv)) of the channel concatenation of ``parts``, (B, C, H/s, W/s)."""
+        _, bn1, bn2 = self.downsample
         if bn1.training or bn2.training or getattr(bn1, 'running_var', None) is None \
                 or getattr(bn2, 'running_var', None) is None:
-            return self._fp32_on_cpu(lambda t: norm(bn2, norm(bn1, conv(t))), x)
+            return norm(bn2, norm(bn1, self._depthwise(parts)))
         # both BNs in eval mode: BN2(BN1(y)) is one per-channel affine y * a + b
         a1 = bn1.weight * torch.rsqrt(bn1.running_var + bn1.eps)
         a2 = bn2.weight * torch.rsqrt(bn2.running_var + bn2.eps)
         a, b = a1 * a2, (bn1.bias - bn1.running_mean * a1 - bn2.running_mean) * a2 + bn2.bias
-        return self._fp32_on_cpu(lambda t: (y := conv(t)) * a[:, None, None].to(y.dtype) + b[:, None, None].to(y.dtype), x)
+        y = self._depthwise(parts)
+        return y * a[:, None, None].to(y.dtype) + b[:, None, None].to(y.dtype)
 
-    @staticmethod
-    def _fp32_on_cpu(fn, x: torch.Tensor) -> torch.Tensor:
-        """``fn(x)``, the strided identity. oneDNN's bf16 backward of its depthwise conv is several
-        times slower than fp32 on CPU (docs/PERFORMANCE.md); it is a small op, so under CPU autocast
-        it runs in fp32 when a backward may follow, and its result returns to x's dtype (as the dense
-        twin's shortcut). Without grad (inference) the bf16 forward is the faster one and is kept."""
-        if not is_fx_tracing() and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') \
-                and torch.is_grad_enabled():
-            with torch.autocast('cpu', enabled=False):
-                return fn(x.float()).to(x.dtype)
-        return fn(x)
+    def _depthwise(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The strided depthwise conv of the parts' channel concatenation: each part with its own
+        filters, the (strided, smaller) outputs concatenated. Under CPU autocast, when a backward may
+        follow, each part runs in fp32 (:class:`_UpcastDepthwise`); without grad (inference) the
+        bf16 forward is the faster one and is kept."""
+        conv = self.downsample[0]
+        x = parts[0]
+        upcast = (not is_fx_tracing() and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+                  and torch.is_grad_enabled())
+        if len(parts) == 1 and not upcast:
+            return conv(x)
+        filters = conv.weight.split([p.shape[1] for p in parts])
+        if upcast:
+            dtype = torch.get_autocast_dtype('cpu')
+            return torch.cat([_UpcastDepthwise.apply(p.to(dtype), f, conv.stride, conv.padding)
+                              for p, f in zip(parts, filters)], dim=1)
+        return torch.cat([F.conv2d(p, f, None, conv.stride, conv.padding, conv.dilation, groups=p.shape[1])
+                          for p, f in zip(parts, filters)], dim=1)
 
 
 class ResNetPE(ResNet):
