@@ -25,11 +25,12 @@ from rowcol.apps.bench import Runner, sync
 from rowcol.apps.runtime import resolve_device
 
 
-def _switch(path: str) -> tuple[type, str]:
+def switch(path: str, flag: str = '--switch') -> tuple[type, str]:
+    """(class, attribute) of a boolean class switch named ``module.Class.attribute``."""
     module, cls, attr = path.rsplit('.', 2)
     owner = getattr(importlib.import_module(module), cls)
     if not isinstance(getattr(owner, attr, None), bool):
-        raise SystemExit(f'--switch {path}: not a boolean class attribute')
+        raise SystemExit(f'{flag} {path}: not a boolean class attribute')
     return owner, attr
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    owner, attr = _switch(a.switch)
+    owner, attr = switch(a.switch)
     default = getattr(owner, attr)
     device = resolve_device(None)
     r = Runner(a.model, mode=a.mode, device=device, batch_size=a.batch_size, img_size=None, num_classes=None,

@@ -9,6 +9,10 @@ git rev-parse --short HEAD > "$out/COMMIT"
 py=".venv/bin/python"
 export PYTHONPATH=.
 $py benchmarks/speed_table.py --out "$out"                         # PE / dense img/s and peak memory
+for amp in "" "--amp bf16"; do                                      # what the recomputed stage entry costs
+  $py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
+    --mode train --batch-size 128 --channels-last --repeats 9 $amp
+done > "$out/ab-recompute_entry-r26cifar.jsonl"
 {
   for a in "--model resnet26_pe_cifar --batch-size 128 --channels-last" "--model resnet50_pe --batch-size 16 --channels-last" \
            "--model resnet50_pe --vs resnet50_pe_untied --batch-size 16 --channels-last" "--model vit_pe_tiny_patch4_32 --batch-size 64" \
@@ -18,7 +22,15 @@ $py benchmarks/speed_table.py --out "$out"                         # PE / dense 
     done
   done
 } > "$out/saved_tensors.txt"                                         # bytes saved for backward, live peak
+for amp in "" "--amp bf16"; do
+  a="--model resnet26_pe_cifar --batch-size 128 --channels-last --off rowcol.models.resnet.PeStage.recompute_entry"
+  echo "$a $amp: $($py benchmarks/saved_tensors.py $a $amp --top 0 --peak | head -2 | tr '\n' ' ')"
+done > "$out/saved_tensors-recompute_off.txt"                        # the same without the recomputed entry
 $py benchmarks/depthwise_bf16.py > "$out/depthwise_bf16.json"       # why the stage entry's conv runs in fp32
+$py benchmarks/profile_pair.py --model resnet26_pe_cifar --mode train --batch-size 128 --channels-last --steps 3 \
+  > "$out/profile-r26cifar-train-fp32.md"                            # where the CIFAR ResNet-PE's time goes
+$py benchmarks/profile_pair.py --model vit_pe_small_patch16_224 --mode infer --batch-size 16 --steps 5 \
+  > "$out/profile-vit_s16-infer-fp32.md"
 for m in vit_pe_nano_patch4_32 resnet26_pe_cifar; do
   $py benchmarks/loop_vs_timm.py --model $m --steps 15 --repeats 3 > "$out/loop-$m.json"
 done

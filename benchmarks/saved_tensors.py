@@ -3,6 +3,8 @@
     python benchmarks/saved_tensors.py --model resnet26_pe_cifar --vs resnet26_cifar --batch-size 128 --channels-last
     python benchmarks/saved_tensors.py --model resnet50_pe --vs resnet50 --batch-size 16 --channels-last --amp bf16
     python benchmarks/saved_tensors.py --model resnet26_pe_cifar --batch-size 128 --channels-last --peak
+    python benchmarks/saved_tensors.py --model resnet26_pe_cifar --batch-size 128 --channels-last --peak \
+        --off rowcol.models.resnet.PeStage.recompute_entry
 
 Runs one training forward of each model (random input, train mode) under
 ``torch.autograd.graph.saved_tensors_hooks`` and counts every tensor saved for the backward
@@ -12,7 +14,8 @@ between the two models. Saved tensors are most of a training step's peak memory 
 weights; ``rowcol bench --mode train`` reports the peak itself. ``--peak`` also reports the
 peak of live tensors over one whole SGD training step (forward, backward, update), from
 torch.profiler's memory timeline: unlike the process's resident memory, it leaves out memory the
-allocator keeps after tensors are freed.
+allocator keeps after tensors are freed. ``--off module.Class.attribute`` measures both models with
+that boolean class switch off (as ``ab_switch.py`` names it).
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def peak_live_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -
     return max(sum(s) for s in sizes)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', required=True)
     p.add_argument('--vs', help='model to compare with (default: the dense twin)')
@@ -94,20 +97,32 @@ def main() -> None:
     p.add_argument('--amp', choices=['bf16'], default=None)
     p.add_argument('--top', type=int, default=15)
     p.add_argument('--peak', action='store_true', help='also the peak of live tensors over a training step')
-    a = p.parse_args()
+    p.add_argument('--off', metavar='SWITCH', help='a boolean class switch (module.Class.attribute) to turn off')
+    a = p.parse_args(argv)
     vs = a.vs or dense_twin(a.model)
     if vs is None:
         p.error(f'--model {a.model} has no dense twin; pass --vs')
+    owner = attr = before = None
+    if a.off:
+        from ab_switch import switch
+        owner, attr = switch(a.off, '--off')
+        before = getattr(owner, attr)
     torch.manual_seed(0)
     res, peak = {}, {}
-    for name in (a.model, vs):
-        model = create_model(name).train()
-        x = torch.randn(a.batch_size, *input_size_of(model))
-        if a.channels_last:
-            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        res[name] = saved_bytes(model, x, a.amp)
-        if a.peak:
-            peak[name] = peak_live_bytes(model, x, a.amp)
+    try:
+        if owner is not None:
+            setattr(owner, attr, False)
+        for name in (a.model, vs):
+            model = create_model(name).train()
+            x = torch.randn(a.batch_size, *input_size_of(model))
+            if a.channels_last:
+                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            res[name] = saved_bytes(model, x, a.amp)
+            if a.peak:
+                peak[name] = peak_live_bytes(model, x, a.amp)
+    finally:
+        if owner is not None:
+            setattr(owner, attr, before)
     mb = lambda b: b / 2 ** 20  # noqa: E731
     print(f'saved for backward, MB: {a.model} {mb(sum(res[a.model].values())):.1f}, '
           f'{vs} {mb(sum(res[vs].values())):.1f}')

@@ -245,3 +245,17 @@ def test_depthwise_bf16_times_each_op_in_both_dtypes(monkeypatch, capsys, one_th
     for dtype in ('float32', 'bfloat16'):
         assert set(out[dtype]) == {'forward', 'input_grad', 'weight_grad', 'input_grad_as_conv_transpose'}
         assert all(v > 0 for v in out[dtype].values())
+
+
+def test_saved_tensors_off_turns_a_switch_off_for_the_run_only(capsys):
+    from rowcol.models.resnet import PeStage
+    args = ['--model', 'resnet26_pe_cifar', '--batch-size', '4', '--top', '0']
+    saved = {}
+    for off in ([], ['--off', 'rowcol.models.resnet.PeStage.recompute_entry']):
+        saved_tensors.main(args + off)
+        line = capsys.readouterr().out.splitlines()[0]  # saved for backward, MB: pe X, dense Y
+        saved[bool(off)] = float(line.split(',')[1].split()[-1])
+    assert saved[True] > saved[False]  # without the recomputation the stage entries keep their tensors
+    assert PeStage.recompute_entry is True
+    with pytest.raises(SystemExit, match='--off rowcol.layers.PeAttention.num_heads: not a boolean'):
+        saved_tensors.main(args + ['--off', 'rowcol.layers.PeAttention.num_heads'])

@@ -308,6 +308,21 @@ def test_resnet_pe_strided_entry_never_writes_the_widened_tensor(channels_last):
     assert stage.w.weight.grad is not None and x.grad.shape == x.shape
 
 
+def test_resnet_pe_compiles_in_one_graph_under_cpu_bf16():
+    """torch.compile captures the PE ResNet's training step whole (the split stage entry and the
+    fp32 depthwise conv's own autograd function, no graph break) with eager's gradients."""
+    torch.manual_seed(0)
+    model = create_model('resnet26_pe_cifar').train().to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for m in (torch.compile(model, backend='aot_eager', fullgraph=True), eager):
+        with torch.autocast('cpu', torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-2, atol=1e-2, msg=n)
+
+
 def test_resnet_pe_entry_saves_less_for_backward():
     """What the PE stage entry holds for the backward pass: only its input, with the recomputation."""
     from rowcol.models.resnet import PeStage
