@@ -323,6 +323,35 @@ def test_resnet_pe_compiles_in_one_graph_under_cpu_bf16():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-2, atol=1e-2, msg=n)
 
 
+@pytest.mark.parametrize('tie', ['stage', 'none', 'block'])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_resnet_pe_split_entry_equals_the_widened_tensor_path(tie, channels_last):
+    """Training through the split stage entry gives the outputs, gradients and running statistics
+    of the entry that builds [new, x] (taken when the depthwise conv carries a hook); float64, so
+    that the two summation orders agree to 1e-10 (in fp32 train-mode BNs amplify their rounding)."""
+    torch.manual_seed(0)
+    model = create_model('resnet26_pe_cifar', tie=tie).train().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_()
+    widened = copy.deepcopy(model)
+    shapes = []
+    for stage in (widened.layer3, widened.layer4):
+        stage.downsample[0].register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    if channels_last:
+        model, widened = model.to(memory_format=torch.channels_last), widened.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    got, want = _train_step(model, x), _train_step(widened, x)
+    assert (4, 256, 16, 16) in shapes  # the reference did read the widened tensor
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for part in (2, 3):
+        for key in got[part]:
+            torch.testing.assert_close(got[part][key], want[part][key], rtol=1e-10, atol=1e-10, msg=key)
+
+
 def test_resnet_pe_entry_saves_less_for_backward():
     """What the PE stage entry holds for the backward pass: only its input, with the recomputation."""
     from rowcol.models.resnet import PeStage

@@ -24,7 +24,7 @@ and max-pool with one 3×3 stride-1 conv for 32-px images.
 Deviations: like timm's ResNet-50 (the dense twin) the last BN of every block starts at zero
 (``zero_init_last``); the paper does not say. Under CPU bf16 autocast the strided depthwise
 identity conv runs in fp32 when a backward may follow (for speed) and returns bf16. Execution
-details with the same outputs: the widened tensor of a strided stage is never written (its two
+details with the same outputs (in fp32; under bf16 autocast within its rounding): the widened tensor of a strided stage is never written (its two
 parts are mapped separately), in eager training the stage entry is recomputed in the backward pass
 instead of stored (``PeStage.recompute_entry``), and in eval mode the two BNs in a row act as one affine.
 The CIFAR-sized models are rowcol's additions.
@@ -167,6 +167,12 @@ class _UpcastDepthwise(torch.autograd.Function):
         return gx, gw, None, None
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """An ``nn.Conv2d`` without hooks, whose weight the stage entry may apply in parts; anything
+    else (hooked, pruned, replaced) is called as itself on the widened tensor."""
+    return type(conv) is nn.Conv2d and not conv._forward_hooks and not conv._forward_pre_hooks
+
+
 def _plain_training_bn(bn: nn.Module) -> bool:
     """An ``nn.BatchNorm2d`` in training mode with running statistics, which :func:`_batch_norm`
     reproduces; anything else (frozen, synced, eval-mode) runs as itself."""
@@ -194,8 +200,9 @@ class PeStage(nn.Module):
     """A PE stage: optional widening, strided identity for block 0, blocks sharing one W.
 
     The widened input [new, x] of a strided stage is never written: the depthwise conv (per
-    channel) and block 0's ``W x`` (linear) map each part on their own (:meth:`_entry`), so the
-    depthwise conv's module hooks do not fire there.
+    channel) and block 0's ``W x`` (linear) map each part on their own (:meth:`_entry`). Where
+    either is not a plain ``nn.Conv2d`` (hooks, pruning, a replaced module: the depthwise conv,
+    or ``conv1`` with ``tie='none'``) the widened tensor is built and the module called.
 
     ``recompute_entry`` (eager training only): the stage entry (widening, strided identity and
     block 0's ``W x``) keeps only its input for the backward pass and runs again there, so the
@@ -271,10 +278,13 @@ class PeStage(nn.Module):
         own and the widened tensor is never written; at stride 1 it is the shortcut itself.
         """
         parts = [x] if self.widen is None else [self._new(x, norm), x]
-        if self.downsample is None or is_fx_tracing():  # FX cannot split by traced channel counts
+        first = self.blocks[0]
+        split = (self.downsample is not None and not is_fx_tracing()  # FX cannot split by traced channel counts
+                 and _plain_conv(self.downsample[0]) and (first.tie != 'none' or _plain_conv(first.conv1)))
+        if not split:  # a hooked or replaced conv reads the widened tensor as itself
             x = torch.cat(parts, dim=1) if len(parts) > 1 else x  # (B, C, H, W): [new, x]
-            return self.blocks[0].first_map(x, self.w), (x if self.downsample is None else self._downsample([x], norm))
-        return self.blocks[0].first_map(parts, self.w), self._downsample(parts, norm)
+            return first.first_map(x, self.w), (x if self.downsample is None else self._downsample([x], norm))
+        return first.first_map(parts, self.w), self._downsample(parts, norm)
 
     def _new(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
         conv, bn, act = self.widen
@@ -302,7 +312,10 @@ class PeStage(nn.Module):
         x = parts[0]
         upcast = (not is_fx_tracing() and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
                   and torch.is_grad_enabled())
-        if len(parts) == 1 and not upcast:
+        if len(parts) == 1 and (not upcast or not _plain_conv(conv)):  # the module itself
+            if upcast:
+                with torch.autocast('cpu', enabled=False):
+                    return conv(x.float()).to(x.dtype)
             return conv(x)
         filters = conv.weight.split([p.shape[1] for p in parts])
         if upcast:
