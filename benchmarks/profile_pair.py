@@ -7,7 +7,8 @@
 Builds both models as ``rowcol bench`` does (random input, SGD in train mode), runs ``--warmup``
 untimed steps, then profiles ``--steps`` steps of each and prints one table: per op, its self time
 (CPU, or CUDA on a GPU) per step for each model and the difference, largest differences first,
-plus the totals. Profiling adds overhead per op, so the totals run above ``rowcol bench``'s
+plus the totals (on a GPU: device time, each kernel a row of its own, prefixed ``kernel:``, next to
+the aten op that launched it; the total counts each kernel once). Profiling adds overhead per op, so the totals run above ``rowcol bench``'s
 times; the table is for finding the ops, ``rowcol bench`` for the ratio.
 """
 from __future__ import annotations
@@ -17,11 +18,15 @@ import json
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from rowcol.apps.bench import Runner, sync
 from rowcol.models import dense_twin
 from rowcol.apps.runtime import resolve_device
+
+
+KERNEL = 'kernel: '  # prefix of the rows of GPU kernels (the other rows are aten ops)
 
 
 def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels_last: bool,
@@ -41,8 +46,9 @@ def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels
     times: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if us:
-            times[e.key] += us / 1e3 / steps
+        if us:  # on a GPU an aten op's self time is its kernels' time: each kernel is listed again
+            kernel = cuda and e.device_type != DeviceType.CPU
+            times[f'{KERNEL}{e.key}' if kernel else e.key] += us / 1e3 / steps
     return dict(times)
 
 
@@ -55,8 +61,10 @@ def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25,
     for k in keys[:rows]:
         a, b = pe.get(k, 0.), dense.get(k, 0.)
         lines.append(f'| {k} | {a:.2f} | {b:.2f} | {a - b:+.2f} |')
-    a, b = sum(pe.values()), sum(dense.values())
-    lines.append(f'| **all ops** | {a:.1f} | {b:.1f} | {a - b:+.1f} |')
+    # the total counts each kernel once: over the kernel rows where there are any (GPU), else over all ops
+    kernels = any(k.startswith(KERNEL) for k in keys)
+    a, b = (sum(v for k, v in d.items() if k.startswith(KERNEL) or not kernels) for d in (pe, dense))
+    lines.append(f"| **{'all kernels' if kernels else 'all ops'}** | {a:.1f} | {b:.1f} | {a - b:+.1f} |")
     return '\n'.join(lines)
 
 

@@ -374,13 +374,18 @@ class PeAttention(nn.Module):
             self.scale_out = nn.Parameter(torch.ones(dim, **dd))  # on the output projection
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, d) -> Q, K, V, each (B, H, N, D)."""
+        B, N, C = x.shape
         if _fuse(self):  # one (B, N, d) x (d, 3d) GEMM, as timm's qkv Linear
-            q, k, v = fused_projection(x, _qkv_operands(self, self.form)).chunk(3, dim=-1)
-        else:
-            q, k, v = self._project_each(x)
+            qkv = fused_projection(x, _qkv_operands(self, self.form)).view(B, N, 3, C)
+            if self.use_scale:
+                qkv = qkv * self.scale_qkv  # (3, d): one scale per projection
+            # timm's split into heads: three views from one reshape, permute and unbind
+            return qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._project_each(x)
         if self.use_scale:
             q, k, v = q * self.scale_qkv[0], k * self.scale_qkv[1], v * self.scale_qkv[2]
-        return q, k, v
+        return tuple(t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
 
     def _project_each(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = None if is_fx_tracing() else x.device.type  # FX records the projections, not this cast
@@ -401,8 +406,7 @@ class PeAttention(nn.Module):
             is_causal: bool = False,
     ) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
-                   for t in self._project(x))
+        q, k, v = self._project(x)  # (B, H, N, D) each
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,

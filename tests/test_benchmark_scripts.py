@@ -1,7 +1,8 @@
 """benchmarks/: run_experiments.py (plans; deadline, SIGTERM and resume with real ``rowcol train``
 runs), speed_table.py (which benches run in which order; a tiny table end to end; profiles),
 profile_pair.py (the op-time comparison), perf_tables.py (the bench table), saved_tensors.py (memory
-kept for backward), ab_switch.py (a switch on and off) and depthwise_bf16.py (one conv's op times)."""
+kept for backward), ab_switch.py (a switch on and off), depthwise_bf16.py (one conv's op times) and
+op_count.py (ops dispatched per step)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import ab_switch  # noqa: E402
 import depthwise_bf16  # noqa: E402
+import op_count  # noqa: E402
 import perf_tables  # noqa: E402
 import profile_pair  # noqa: E402
 import run_experiments  # noqa: E402
@@ -171,6 +173,14 @@ def test_compare_orders_by_absolute_difference_and_totals() -> None:
     assert table[-1] == '| **all ops** | 9.0 | 6.0 | +3.0 |'  # totals over all ops, not only the rows shown
 
 
+def test_compare_totals_gpu_kernels_once() -> None:
+    """On a GPU an aten op's device time is its kernels' time: the total sums the kernel rows only."""
+    pe = {'aten::mm': 5.0, 'kernel: gemm_a': 5.0, 'aten::cat': 1.0, 'kernel: cat_k': 1.0}
+    dense = {'aten::mm': 4.0, 'kernel: gemm_b': 4.0}
+    table = profile_pair.compare(pe, dense, rows=10).splitlines()
+    assert table[-1] == '| **all kernels** | 6.0 | 4.0 | +2.0 |'
+
+
 def test_op_times_of_a_train_step(one_thread) -> None:
     times = profile_pair.op_times(MICRO, mode='train', batch_size=2, amp=None,
                                   channels_last=False, device=torch.device('cpu'), warmup=1, steps=1)
@@ -259,3 +269,20 @@ def test_saved_tensors_off_turns_a_switch_off_for_the_run_only(capsys):
     assert PeStage.recompute_entry is True
     with pytest.raises(SystemExit, match='--off rowcol.layers.PeAttention.num_heads: not a boolean'):
         saved_tensors.main(args + ['--off', 'rowcol.layers.PeAttention.num_heads'])
+
+
+def test_op_count_sees_the_ops_a_switch_removes(capsys):
+    """The recomputed stage entry runs its forward ops again in backward: turning it off lowers the PE
+    model's count and leaves the dense twin's alone; an inference step dispatches fewer ops than a
+    training step."""
+    args = ['--model', 'resnet26_pe_cifar', '--batch-size', '2', '--json']
+    runs = {}
+    for name, extra in (('on', []), ('off', ['--off', 'rowcol.models.resnet.PeStage.recompute_entry']),
+                        ('infer', ['--mode', 'infer'])):
+        op_count.main(args + extra)
+        runs[name] = json.loads(capsys.readouterr().out)['ops']
+    assert runs['on']['resnet26_cifar'] == runs['off']['resnet26_cifar']
+    assert runs['on']['resnet26_pe_cifar'] > runs['off']['resnet26_pe_cifar']
+    assert 0 < runs['infer']['resnet26_pe_cifar'] < runs['off']['resnet26_pe_cifar']
+    from rowcol.models.resnet import PeStage
+    assert PeStage.recompute_entry is True

@@ -1,0 +1,110 @@
+"""How many ops does one step dispatch? PE model against its dense twin, per aten op.
+
+    python benchmarks/op_count.py --model resnet26_pe_cifar --mode train --batch-size 128 --channels-last --amp bf16
+    python benchmarks/op_count.py --model vit_pe_tiny_patch4_32 --mode infer --batch-size 256 --device cuda --amp bf16
+    python benchmarks/op_count.py --model resnet26_pe_cifar --mode train --off rowcol.models.resnet.PeStage.recompute_entry
+
+Counts every aten op that reaches the dispatcher below autograd (``TorchDispatchMode``) during the
+second of two steps of each model: a training step is forward, backward and an SGD update; an
+inference step is a ``torch.no_grad`` forward in eval mode (``inference_mode`` would hide its ops
+from the counter). Views and metadata ops count like kernels. Where a GPU step is bound by the host
+rather than by kernel time (small models, eager), its time follows this count, not the MACs.
+Prints the totals and the ops whose counts differ most; ``--json`` prints them as JSON.
+``--off module.Class.attribute`` counts both models with that boolean class switch off.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rowcol  # noqa: F401  (registers models)
+from rowcol.models import create_model, dense_twin
+from rowcol.stats import input_size_of
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(model: nn.Module, x: torch.Tensor, mode: str, amp: str | None = None) -> Counter[str]:
+    """The aten ops (name -> count) of the second of two steps of ``model`` on ``x``."""
+    dtype = torch.bfloat16 if amp == 'bf16' else None
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if mode == 'train' else None
+    model.train(mode == 'train')
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None), \
+                torch.set_grad_enabled(mode == 'train'):
+            out = model(x)
+        if opt is not None:
+            out.float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    step()
+    with _Counter() as c:
+        step()
+    return c.ops
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--model', required=True)
+    p.add_argument('--vs', help='model to compare with (default: the dense twin)')
+    p.add_argument('--mode', choices=['train', 'infer'], default='train')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--amp', choices=['bf16'], default=None)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--top', type=int, default=15)
+    p.add_argument('--off', metavar='SWITCH', help='a boolean class switch (module.Class.attribute) to turn off')
+    p.add_argument('--json', action='store_true')
+    a = p.parse_args(argv)
+    vs = a.vs or dense_twin(a.model)
+    if vs is None:
+        p.error(f'--model {a.model} has no dense twin; pass --vs')
+    owner = attr = before = None
+    if a.off:
+        from ab_switch import switch
+        owner, attr = switch(a.off, '--off')
+        before = getattr(owner, attr)
+    counts = {}
+    try:
+        if owner is not None:
+            setattr(owner, attr, False)
+        for name in (a.model, vs):
+            torch.manual_seed(0)
+            model = create_model(name).to(a.device)
+            x = torch.randn(a.batch_size, *input_size_of(model), device=a.device)
+            if a.channels_last:
+                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            counts[name] = step_ops(model, x, a.mode, a.amp)
+    finally:
+        if owner is not None:
+            setattr(owner, attr, before)
+    pe, de = counts[a.model], counts[vs]
+    diff = sorted(set(pe) | set(de), key=lambda k: (-abs(pe[k] - de[k]), k))[:a.top]
+    if a.json:
+        print(json.dumps({'model': a.model, 'vs': vs, 'mode': a.mode, 'amp': a.amp, 'device': a.device,
+                          'batch_size': a.batch_size, 'channels_last': a.channels_last, 'off': a.off,
+                          'ops': {a.model: sum(pe.values()), vs: sum(de.values())},
+                          'by_op': {k: [pe[k], de[k]] for k in diff}}, indent=1))
+        return
+    print(f'ops per {a.mode} step: {a.model} {sum(pe.values())}, {vs} {sum(de.values())}')
+    print(f'| op | {a.model} | {vs} |\n|---|---|---|')
+    for k in diff:
+        print(f'| {k} | {pe[k]} | {de[k]} |')
+
+
+if __name__ == '__main__':
+    main()
