@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh OUT [SECONDS]      # SECONDS: the whole budget (default 560, for a 10-minute call)
 #   python benchmarks/perf_tables.py OUT      # the table again
 # In order, each step in OUT: MACHINE; test_cuda.log (tests/test_cuda.py); the eager table
-# (speed_table.py, every pair); ops-*.json (op_count.py); ab-*.jsonl (ab_switch.py: the two switches on
+# (speed_table.py, every pair); ops-*.json (op_count.py); saved_tensors-*.txt (saved_tensors.py: memory kept
+# for backward per module, live peak); ab-*.jsonl (ab_switch.py: the two switches on
 # and off); profile-*.md (device time per op and kernel); then the compiled table, pair by pair in the
 # order of COMPILED, until the budget is spent (the cells not made are listed at the end: a second
 # call with --only finishes them, and finds inductor's cache warm).
@@ -27,6 +28,8 @@ for a in "--model resnet26_pe_cifar --mode train --batch-size 128 --channels-las
   set -- $a
   timeout 20 $py benchmarks/op_count.py $a --amp bf16 --device cuda --json > "$out/ops-$2-$4.json" 2>>"$out/ops.log"
 done
+timeout 40 $py benchmarks/saved_tensors.py --model resnet26_pe_cifar --batch-size 128 --channels-last --amp bf16 \
+  --peak --device cuda > "$out/saved_tensors-r26cifar-bf16.txt" 2>&1   # where the memory above dense sits
 timeout 30 $py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
   --mode train --batch-size 128 --channels-last --amp bf16 --repeats 9 > "$out/ab-recompute_entry-r26cifar.jsonl" 2>&1
 timeout 30 $py benchmarks/ab_switch.py --model vit_pe_small_patch16_224 --switch rowcol.layers.PeAttention.fused_qkv \

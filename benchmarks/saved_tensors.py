@@ -71,7 +71,7 @@ def peak_live_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -
     from torch.profiler import ProfilerActivity, profile
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = torch.bfloat16 if amp == 'bf16' else None
-    y = torch.zeros(len(x), dtype=torch.long)
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device)
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
@@ -80,7 +80,8 @@ def peak_live_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -
         loss.backward()
         opt.step()
     step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == 'cuda' else [])
+    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp:
         prof.export_memory_timeline(f'{tmp}/timeline.json', device=str(x.device))
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--top', type=int, default=15)
     p.add_argument('--peak', action='store_true', help='also the peak of live tensors over a training step')
     p.add_argument('--off', metavar='SWITCH', help='a boolean class switch (module.Class.attribute) to turn off')
+    p.add_argument('--device', default='cpu')
     a = p.parse_args(argv)
     vs = a.vs or dense_twin(a.model)
     if vs is None:
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         if owner is not None:
             setattr(owner, attr, False)
         for name in (a.model, vs):
-            model = create_model(name).train()
-            x = torch.randn(a.batch_size, *input_size_of(model))
+            model = create_model(name).to(a.device).train()
+            x = torch.randn(a.batch_size, *input_size_of(model), device=a.device)
             if a.channels_last:
                 model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
             res[name] = saved_bytes(model, x, a.amp)
