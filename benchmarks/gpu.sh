@@ -14,7 +14,9 @@ budget=${2:-560}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-{ nvidia-smi; nproc; git rev-parse --short HEAD; git status --short rowcol;
+# the machine may hold a stale .git: the hash of rowcol/'s sources names the code that ran
+# (here: find rowcol -name '*.py' | sort | xargs sha1sum | sha1sum, at the commit sent)
+{ nvidia-smi; nproc; echo "rowcol/ sources sha1: $(find rowcol -name '*.py' | sort | xargs sha1sum | sha1sum)"
   $py -c "import sys, torch, timm; print(sys.version, torch.__version__, timm.__version__, torch.cuda.get_device_name())"
 } > "$out/MACHINE" 2>&1
 # the CUDA path equals the CPU's (the two largest ViTs are left out for time)
@@ -31,14 +33,19 @@ done
 timeout 40 $py benchmarks/saved_tensors.py --model resnet26_pe_cifar --batch-size 128 --channels-last --amp bf16 \
   --peak --device cuda > "$out/saved_tensors-r26cifar-bf16.txt" 2>&1   # where the memory above dense sits
 timeout 30 $py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
-  --mode train --batch-size 128 --channels-last --amp bf16 --repeats 9 > "$out/ab-recompute_entry-r26cifar.jsonl" 2>&1
+  --mode train --batch-size 128 --channels-last --amp bf16 --repeats 9 > "$out/ab-recompute_entry-r26cifar.jsonl" \
+  2>>"$out/ab.log"
 timeout 30 $py benchmarks/ab_switch.py --model vit_pe_small_patch16_224 --switch rowcol.layers.PeAttention.fused_qkv \
-  --mode train --batch-size 128 --amp bf16 --repeats 9 > "$out/ab-fused_qkv-vit_s16.jsonl" 2>&1
+  --mode train --batch-size 128 --amp bf16 --repeats 9 > "$out/ab-fused_qkv-vit_s16.jsonl" 2>>"$out/ab.log"
 timeout 60 $py benchmarks/speed_table.py --out "$out" --profile --settings bf16 \
   --only r26cifar-train vit_tiny32-infer vit_s16-train r50-train > "$out/profile.log" 2>&1
 COMPILED="vit_s16-train vit_s16-infer vit_tiny32-train vit_tiny32-infer r50-train r50-untied-train r50-infer r26cifar-train"
 left=$((budget - SECONDS - 5))
-$py benchmarks/speed_table.py --out "$out" --settings bf16-compile --deadline $left --prewarm $((left / 3)) \
-  --only $COMPILED > "$out/bench-compile.log" 2>&1
+if ((left >= 60)); then
+  $py benchmarks/speed_table.py --out "$out" --settings bf16-compile --deadline $left --prewarm $((left / 3)) \
+    --only $COMPILED > "$out/bench-compile.log" 2>&1
+else
+  echo "compiled table: no time left ($left s)"
+fi
 cat "$out/table.md"
-grep -h "not made" "$out"/bench-*.log
+grep -h "not made" "$out"/bench-*.log || true

@@ -4,13 +4,15 @@
     python benchmarks/op_count.py --model vit_pe_tiny_patch4_32 --mode infer --batch-size 256 --device cuda --amp bf16
     python benchmarks/op_count.py --model resnet26_pe_cifar --mode train --off rowcol.models.resnet.PeStage.recompute_entry
 
-Counts every aten op that reaches the dispatcher below autograd (``TorchDispatchMode``) during the
-second of two steps of each model: a training step is forward, backward and an SGD update; an
-inference step is a ``torch.no_grad`` forward in eval mode (``inference_mode`` would hide its ops
-from the counter). Views and metadata ops count like kernels. Where a GPU step is bound by the host
-rather than by kernel time (small models, eager), its time follows this count, not the MACs.
-Prints the totals and the ops whose counts differ most; ``--json`` prints them as JSON.
-``--off module.Class.attribute`` counts both models with that boolean class switch off.
+Counts the aten ops that reach the Python dispatch key (``TorchDispatchMode``, below autograd and
+autocast) during the second of two steps of each model; an op called inside another op is not
+counted again. A training step is forward, backward and an SGD update with the foreach kernels (the
+GPU's default, so that CPU counts of the update match a GPU's); an inference step is a
+``torch.no_grad`` forward in eval mode (``rowcol bench`` uses ``inference_mode``, under which view
+ops do not reach this counter). Views and metadata ops count like kernels. Where a GPU step is bound
+by the host rather than by kernel time (small models, eager), its time follows the ops it launches,
+not the MACs. Prints the totals and the ops whose counts differ most; ``--json`` prints them as
+JSON. ``--off module.Class.attribute`` counts both models with that boolean class switch off.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class _Counter(TorchDispatchMode):
 def step_ops(model: nn.Module, x: torch.Tensor, mode: str, amp: str | None = None) -> Counter[str]:
     """The aten ops (name -> count) of the second of two steps of ``model`` on ``x``."""
     dtype = torch.bfloat16 if amp == 'bf16' else None
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if mode == 'train' else None
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True) if mode == 'train' else None
     model.train(mode == 'train')
 
     def step() -> None:

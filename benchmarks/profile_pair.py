@@ -7,8 +7,8 @@
 Builds both models as ``rowcol bench`` does (random input, SGD in train mode), runs ``--warmup``
 untimed steps, then profiles ``--steps`` steps of each and prints one table: per op, its self time
 (CPU, or CUDA on a GPU) per step for each model and the difference, largest differences first,
-plus the totals (on a GPU: device time, each kernel a row of its own, prefixed ``kernel:``, next to
-the aten op that launched it; the total counts each kernel once). Profiling adds overhead per op, so the totals run above ``rowcol bench``'s
+plus the totals (on a GPU: device time, with each kernel also a row of its own, prefixed ``kernel:``;
+the total counts each kernel once). Profiling adds overhead per op, so the totals run above ``rowcol bench``'s
 times; the table is for finding the ops, ``rowcol bench`` for the ratio.
 """
 from __future__ import annotations
@@ -45,11 +45,21 @@ def op_times(name: str, *, mode: str, batch_size: int, amp: str | None, channels
         sync(device)
     times: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
+        name = row_name(e, cuda)
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if us:  # on a GPU an aten op's self time is its kernels' time: each kernel is listed again
-            kernel = cuda and e.device_type != DeviceType.CPU
-            times[f'{KERNEL}{e.key}' if kernel else e.key] += us / 1e3 / steps
+        if name and us:
+            times[name] += us / 1e3 / steps
     return dict(times)
+
+
+def row_name(e, cuda: bool) -> str | None:
+    """The table row of a profiler event: on a GPU an aten op's self time is its kernels' time, so
+    device events (kernels, copies, memsets) get rows of their own, prefixed :data:`KERNEL`, and the
+    device-side copies of ``record_function`` ranges (the optimizer's step, say), which span kernels
+    already counted, get none."""
+    if not cuda or e.device_type == DeviceType.CPU:
+        return e.key
+    return None if e.is_user_annotation else f'{KERNEL}{e.key}'
 
 
 def compare(pe: dict[str, float], dense: dict[str, float], rows: int = 25,

@@ -377,11 +377,10 @@ class PeAttention(nn.Module):
         """(B, N, d) -> Q, K, V, each (B, H, N, D)."""
         B, N, C = x.shape
         if _fuse(self):  # one (B, N, d) x (d, 3d) GEMM, as timm's qkv Linear
-            qkv = fused_projection(x, _qkv_operands(self, self.form)).view(B, N, 3, C)
+            qkv = fused_projection(x, _qkv_operands(self, self.form)).view(B, N, 3, self.num_heads, self.head_dim)
             if self.use_scale:
-                qkv = qkv * self.scale_qkv  # (3, d): one scale per projection
-            # timm's split into heads: three views from one reshape, permute and unbind
-            return qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                qkv = qkv * self.scale_qkv.view(3, self.num_heads, self.head_dim)  # one scale per projection
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # timm's split into heads: views, no copy
         q, k, v = self._project_each(x)
         if self.use_scale:
             q, k, v = q * self.scale_qkv[0], k * self.scale_qkv[1], v * self.scale_qkv[2]

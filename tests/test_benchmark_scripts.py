@@ -181,6 +181,17 @@ def test_compare_totals_gpu_kernels_once() -> None:
     assert table[-1] == '| **all kernels** | 6.0 | 4.0 | +2.0 |'
 
 
+def test_gpu_profile_rows_keep_kernels_apart_and_drop_device_ranges() -> None:
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    ev = lambda key, dev, note=False: SimpleNamespace(key=key, device_type=dev, is_user_annotation=note)  # noqa: E731
+    assert profile_pair.row_name(ev('aten::mm', DeviceType.CPU), cuda=True) == 'aten::mm'
+    assert profile_pair.row_name(ev('gemm', DeviceType.CUDA), cuda=True) == 'kernel: gemm'
+    assert profile_pair.row_name(ev('Optimizer.step#SGD.step', DeviceType.CUDA, True), cuda=True) is None
+    assert profile_pair.row_name(ev('aten::mm', DeviceType.CPU), cuda=False) == 'aten::mm'
+
+
 def test_op_times_of_a_train_step(one_thread) -> None:
     times = profile_pair.op_times(MICRO, mode='train', batch_size=2, amp=None,
                                   channels_last=False, device=torch.device('cpu'), warmup=1, steps=1)
