@@ -14,10 +14,12 @@ each, the ratio on/off and its spread over trials. On a busy machine use more ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -32,6 +34,34 @@ def switch(path: str, flag: str = '--switch') -> tuple[type, str]:
     if not isinstance(getattr(owner, attr, None), bool):
         raise SystemExit(f'{flag} {path}: not a boolean class attribute')
     return owner, attr
+
+
+@contextlib.contextmanager
+def turned_off(path: str | None, flag: str = '--off') -> Iterator[None]:
+    """Within the block the boolean class switch ``path`` (``module.Class.attribute``) is False, and
+    afterwards what it was; ``None``: nothing changes."""
+    if path is None:
+        yield
+        return
+    owner, attr = switch(path, flag)
+    before = getattr(owner, attr)
+    setattr(owner, attr, False)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, before)
+
+
+def model_and_input(name: str, batch_size: int, device: str = 'cpu',
+                    channels_last: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Model ``name`` (its default classes) on ``device`` and a random batch at its input size."""
+    from rowcol.models import create_model
+    from rowcol.stats import input_size_of
+    model = create_model(name).to(device)
+    x = torch.randn(batch_size, *input_size_of(model), device=device)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model, x
 
 
 def main() -> None:

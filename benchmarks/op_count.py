@@ -25,8 +25,9 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rowcol  # noqa: F401  (registers models)
-from rowcol.models import create_model, dense_twin
-from rowcol.stats import input_size_of
+from rowcol.models import dense_twin
+
+from ab_switch import model_and_input, turned_off
 
 
 class _Counter(TorchDispatchMode):
@@ -75,25 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     vs = a.vs or dense_twin(a.model)
     if vs is None:
         p.error(f'--model {a.model} has no dense twin; pass --vs')
-    owner = attr = before = None
-    if a.off:
-        from ab_switch import switch
-        owner, attr = switch(a.off, '--off')
-        before = getattr(owner, attr)
     counts = {}
-    try:
-        if owner is not None:
-            setattr(owner, attr, False)
+    with turned_off(a.off):
         for name in (a.model, vs):
             torch.manual_seed(0)
-            model = create_model(name).to(a.device)
-            x = torch.randn(a.batch_size, *input_size_of(model), device=a.device)
-            if a.channels_last:
-                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            counts[name] = step_ops(model, x, a.mode, a.amp)
-    finally:
-        if owner is not None:
-            setattr(owner, attr, before)
+            counts[name] = step_ops(*model_and_input(name, a.batch_size, a.device, a.channels_last), a.mode, a.amp)
     pe, de = counts[a.model], counts[vs]
     diff = sorted(set(pe) | set(de), key=lambda k: (-abs(pe[k] - de[k]), k))[:a.top]
     if a.json:

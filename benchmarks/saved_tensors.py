@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 
 import rowcol  # noqa: F401  (registers models)
-from rowcol.models import create_model, dense_twin
-from rowcol.stats import input_size_of
+from rowcol.models import dense_twin
+
+from ab_switch import model_and_input, turned_off
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> dict[str, int]:
@@ -104,27 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     vs = a.vs or dense_twin(a.model)
     if vs is None:
         p.error(f'--model {a.model} has no dense twin; pass --vs')
-    owner = attr = before = None
-    if a.off:
-        from ab_switch import switch
-        owner, attr = switch(a.off, '--off')
-        before = getattr(owner, attr)
     torch.manual_seed(0)
     res, peak = {}, {}
-    try:
-        if owner is not None:
-            setattr(owner, attr, False)
+    with turned_off(a.off):
         for name in (a.model, vs):
-            model = create_model(name).to(a.device).train()
-            x = torch.randn(a.batch_size, *input_size_of(model), device=a.device)
-            if a.channels_last:
-                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            res[name] = saved_bytes(model, x, a.amp)
+            model, x = model_and_input(name, a.batch_size, a.device, a.channels_last)
+            res[name] = saved_bytes(model.train(), x, a.amp)
             if a.peak:
                 peak[name] = peak_live_bytes(model, x, a.amp)
-    finally:
-        if owner is not None:
-            setattr(owner, attr, before)
     mb = lambda b: b / 2 ** 20  # noqa: E731
     print(f'saved for backward, MB: {a.model} {mb(sum(res[a.model].values())):.1f}, '
           f'{vs} {mb(sum(res[vs].values())):.1f}')

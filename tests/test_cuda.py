@@ -8,32 +8,26 @@ fp32 fallback of the stage-entry depthwise conv) and the device moves of tied we
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rowcol.layers import tied_modules
-from rowcol.models import create_model, pe_models
+from rowcol.models import pe_models
+from test_models import _small  # the registry's models at their test sizes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
 
 def _model_and_input(name, batch=4):
-    """A PE model (7 classes) and an input at a small resolution, every BN's affine perturbed so that
-    the zero-initialised last BNs do not hide a wrong gradient of W."""
-    kwargs = {'num_classes': 7}
-    size = timm.get_pretrained_cfg(name).input_size[-1]
-    if 'patch16' in name:
-        size = kwargs['img_size'] = 32
-    elif 'resnet50' in name:
-        size = 64
-    model = create_model(name, **kwargs)
+    """A PE model (7 classes) and an input at its test size, every BN's affine perturbed so that the
+    zero-initialised last BNs do not hide a wrong gradient of W."""
+    model, x = _small(name)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.add_(0.1)
-    return model, torch.randn(batch, 3, size, size)
+    return model, torch.randn(batch, *x.shape[1:])
 
 
 def _step(model, x, amp=False):
