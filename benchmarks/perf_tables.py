@@ -13,11 +13,19 @@ def _mb(b: float) -> str:
     return f'{b / 2 ** 20:.1f}'
 
 
+def _pair_spread(pe: dict, de: dict) -> str:
+    """min-max over trials of PE img/s / dense img/s, trial i of each (run next to each other)."""
+    if not pe.get('trials') or len(pe['trials']) != len(de.get('trials') or ()):
+        return '-'
+    ratios = [a / b for a, b in zip(pe['trials'], de['trials'])]
+    return f'{min(ratios):.2f}-{max(ratios):.2f}'
+
+
 def bench_table(d: Path) -> str:
     rows = [json.loads(f.read_text()) for f in sorted(d.glob('bench-*.json'))]
     compiled = any(r.get('compile') for r in rows)  # a compile column only where some row is compiled
     head = ['model', 'vs', 'mode', 'amp'] + ['compile'] * compiled + [
-        'batch', 'trials × steps', 'model img/s', 'vs img/s', 'model/vs', 'model spread (min-max)',
+        'batch', 'trials × steps', 'model img/s', 'vs img/s', 'model/vs', 'model/vs per trial pair (min-max)',
         'batch-1 latency p50, model / vs (ms)', 'peak MB, model / vs']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
@@ -25,7 +33,7 @@ def bench_table(d: Path) -> str:
         lat = (f"{pe['latency_p50_ms']:.1f} / {de['latency_p50_ms']:.1f}" if pe.get('latency_p50_ms') else '-')
         cells = [r['model'], r['vs'], r['mode'], r['amp'] or 'fp32'] + ['yes' if r.get('compile') else 'no'] * compiled + [
             r['batch_size'], f"{r['repeats']} × {r['steps']}", f"{pe['img_per_s']:.1f}", f"{de['img_per_s']:.1f}",
-            f"**{r['ratio_img_per_s']:.3f}**", f"{pe['img_per_s_min']:.0f}-{pe['img_per_s_max']:.0f}", lat,
+            f"**{r['ratio_img_per_s']:.3f}**", _pair_spread(pe, de), lat,
             f"{_mb(pe['peak_mem_bytes'])} / {_mb(de['peak_mem_bytes'])}"]
         lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
     return '\n'.join(lines)

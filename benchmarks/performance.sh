@@ -8,11 +8,25 @@ git rev-parse --short HEAD > "$out/COMMIT"
 { lscpu | grep "Model name"; nproc; } > "$out/MACHINE"
 py=".venv/bin/python"
 export PYTHONPATH=.
-$py benchmarks/speed_table.py --out "$out"                         # PE / dense img/s and peak memory
+$py benchmarks/speed_table.py --out "$out" --repeats 11            # PE / dense img/s and peak memory
+for a in "--model resnet26_pe_cifar --mode train --channels-last" "--model vit_pe_tiny_patch4_32 --mode infer" \
+         "--model vit_pe_tiny_patch4_32 --mode train"; do           # bound by the host: 2 images, 1 thread
+  set -- $a
+  .venv/bin/rowcol bench $a --batch-size 2 --threads 1 --repeats 15 --steps 20 --json > "$out/host-${2}-${4}.json"
+done
+for a in "--model resnet26_pe_cifar --mode train --batch-size 16 --channels-last" \
+         "--model vit_pe_tiny_patch4_32 --mode infer --batch-size 16" "--model vit_pe_tiny_patch4_32 --mode train --batch-size 16"; do
+  for amp in "" "--amp bf16"; do                                    # ops dispatched per step
+    set -- $a; tag=fp32; [ -z "$amp" ] || tag=bf16
+    $py benchmarks/op_count.py $a $amp --json > "$out/ops-${2}-${4}-$tag.json"
+  done
+done
 for amp in "" "--amp bf16"; do                                      # what the recomputed stage entry costs
   $py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
     --mode train --batch-size 128 --channels-last --repeats 9 $amp
 done > "$out/ab-recompute_entry-r26cifar.jsonl"
+$py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
+  --mode train --batch-size 2 --threads 1 --steps 20 --repeats 15 --channels-last > "$out/ab-recompute_entry-r26cifar-host.json"
 {
   for a in "--model resnet26_pe_cifar --batch-size 128 --channels-last" "--model resnet50_pe --batch-size 16 --channels-last" \
            "--model resnet50_pe --vs resnet50_pe_untied --batch-size 16 --channels-last" "--model vit_pe_tiny_patch4_32 --batch-size 64" \

@@ -100,7 +100,8 @@ class TiedLinear(nn.Module):
         return y.view(x.shape[:-1] + (self.in_features,))  # a Size sum, not unpacking: FX can trace it
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, in, H, W) -> (B, out, H, W)
+        # (B, in, H, W) -> (B, out, H, W); one view op (indexing with None is two, and two in backward)
+        return F.conv2d(x, self.weight.view(self.out_features, self.in_features, 1, 1), self.bias)
 
     def conv_t(self, x: torch.Tensor, bias=_OWN) -> torch.Tensor:
         bias = self.bias_t if bias is _OWN else bias

@@ -224,6 +224,16 @@ def test_perf_table_has_a_compile_column_only_when_a_row_is_compiled(tmp_path) -
     assert '| compile |' in both[0] and all(line.count('|') == 14 for line in both)
     assert '| bf16 | no | 8 |' in both[2] and '**0.900**' in both[2]
     assert '| bf16 | yes | 8 |' in both[3] and '**0.950**' in both[3]
+    assert both[2].split(' | ')[10] == '-'  # no per-trial img/s in this JSON
+
+
+def test_perf_table_spread_is_over_trial_pairs(tmp_path) -> None:
+    """The spread column: PE/dense of trial i of each model (run next to each other), min-max."""
+    r = _bench_json(False, 0.9)
+    r['results']['m_pe']['trials'], r['results']['m']['trials'] = [90.0, 80.0, 99.0], [100.0, 100.0, 90.0]
+    (tmp_path / 'bench-a.json').write_text(json.dumps(r))
+    row = perf_tables.bench_table(tmp_path).splitlines()[2]
+    assert ' | 0.80-1.10 | ' in row
 
 
 def test_resnet_pe_keeps_less_for_backward_than_dense():

@@ -280,6 +280,50 @@ def test_resnet_pe_recomputed_stage_entry_equals_the_plain_path(name, kwargs, ch
     assert int(model.layer3.downsample[1].num_batches_tracked) == 1  # moved once, not again in the recomputation
 
 
+def test_resnet_pe_recomputed_entry_runs_its_modules_once_and_handles_frozen_parts():
+    """The recomputed entry calls its BatchNorms once per step (not again in the recomputation) and
+    its convs twice, gives no gradient to frozen parameters and the plain path's gradients to the
+    others, also with a pruned (hook-masked) widening conv."""
+    from torch.nn.utils import prune
+    from rowcol.models.resnet import PeStage
+    torch.manual_seed(0)
+    stage = create_model('resnet26_pe_cifar').layer3.train().double()
+    plain = copy.deepcopy(stage)
+    calls = []
+    for name, m in stage.named_modules():
+        if name in ('widen.0', 'widen.1', 'downsample.1', 'downsample.2'):
+            m.register_forward_hook(lambda mod, inp, out, name=name: calls.append(name))
+    for s in (stage, plain):
+        s.widen[1].weight.requires_grad_(False)  # a frozen part of the entry
+        prune.random_unstructured(s.widen[0], 'weight', amount=0.5)  # weight = weight_orig * mask
+    plain.widen[0].weight_mask.copy_(stage.widen[0].weight_mask)
+    x = torch.randn(2, 128, 16, 16, dtype=torch.float64)  # an input that needs no gradient
+    assert PeStage.recompute_entry and stage._recompute()
+    stage(x).square().sum().backward()
+    PeStage.recompute_entry = False
+    try:
+        plain(x).square().sum().backward()
+    finally:
+        PeStage.recompute_entry = True
+    assert sorted(calls) == ['downsample.1', 'downsample.2', 'widen.0', 'widen.0', 'widen.1']
+    assert stage.widen[0].weight_orig.grad.count_nonzero() == stage.widen[0].weight_mask.count_nonzero()
+    for (n, p), (_, q) in zip(stage.named_parameters(), plain.named_parameters()):
+        assert (p.grad is None) == (q.grad is None) == (not p.requires_grad), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_resnet_pe_recomputed_entry_has_second_derivatives():
+    """A double backward (e.g. a gradient penalty) goes through the recomputed entry: gradgradcheck
+    on a small strided, widening PE stage in float64."""
+    from rowcol.models.resnet import PeStage
+    torch.manual_seed(0)
+    stage = PeStage(4, 2, 1, 2).double().train()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert stage._recompute()
+    assert torch.autograd.gradgradcheck(stage, (x,), eps=1e-6, atol=1e-4)
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_resnet_pe_strided_entry_never_writes_the_widened_tensor(channels_last):
     """No op of a strided PE stage's training step (forward, recomputation, backward) or inference

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.autograd.graph import get_gradient_edge
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
@@ -183,17 +184,45 @@ def _call(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return bn(x)  # the module itself: its mode, hooks and running statistics
 
 
-def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, update: bool) -> torch.Tensor:
-    """``bn(x)`` in training mode; its running statistics move only if ``update`` (so that a
-    recomputation in the backward pass leaves them as the forward pass left them)."""
-    momentum, mean, var = bn.momentum, bn.running_mean, bn.running_var
-    if update:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative average, as nn.BatchNorm2d
-            momentum = 1. / float(bn.num_batches_tracked)
-    else:  # copies take the update (the same ops, so the recomputation saves what the forward saved)
-        mean, var, momentum = mean.clone(), var.clone(), momentum or 0.
-    return F.batch_norm(x, mean, var, bn.weight, bn.bias, True, momentum, bn.eps)
+def _batch_stats_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` in training mode without moving its running statistics (the recomputation in backward)."""
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0., bn.eps)
+
+
+class _RecomputedEntry(torch.autograd.Function):
+    """A PE stage's entry that keeps only its input for backward and runs again there.
+
+    ``forward`` runs :meth:`PeStage._entry` without autograd, its modules called as themselves (their
+    running statistics move here, once). ``backward`` runs it again with autograd under the forward's
+    autocast state, the BatchNorms on batch statistics alone, and returns the gradients of the input
+    and of the entry's parameters. Less work for the host than ``torch.utils.checkpoint`` (no
+    saved-tensor hooks, no copies of running statistics), which matters where a step is bound by it.
+    """
+
+    @staticmethod
+    def forward(ctx, stage: 'PeStage', x: torch.Tensor, *params: torch.Tensor):
+        device = x.device.type
+        ctx.stage, ctx.params = stage, params  # parameters: leaves, held as they are
+        ctx.amp = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(x)
+        return stage._entry(x, backward=True)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor, grad_shortcut: torch.Tensor):
+        x, = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()  # a double backward: the recomputation joins x's graph
+        x = x if create_graph else x.detach().requires_grad_(ctx.needs_input_grad[1])
+        device, amp, dtype = ctx.amp
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
+            out = ctx.stage._entry(x, _batch_stats_norm, backward=True)
+        # the graph's edges, not the recomputed outputs, which nothing in backward reads: not held
+        edges, grads = zip(*[(get_gradient_edge(t), g) for t, g in zip(out, (grad_h, grad_shortcut))
+                             if t.requires_grad])
+        del out
+        need = ctx.needs_input_grad[1:]
+        wrt = [t for t, n in zip((x,) + ctx.params, need) if n]
+        got = iter(torch.autograd.grad(edges, wrt, grads, allow_unused=True, create_graph=create_graph))
+        return (None,) + tuple(next(got) if n else None for n in need)
 
 
 class PeStage(nn.Module):
@@ -205,11 +234,14 @@ class PeStage(nn.Module):
     or ``conv1`` with ``tie='none'``) the widened tensor is built and the module called.
 
     ``recompute_entry`` (eager training only): the stage entry (widening, strided identity and
-    block 0's ``W x``) keeps only its input for the backward pass and runs again there, so the
-    entry's normalised tensors are never held; the outputs, gradients and running statistics
-    are those of the plain path (tested). The entry's BatchNorms are then applied as functions,
-    so forward hooks on them do not fire: set ``recompute_entry = False`` (on the class or one
-    stage) where they must. In eval mode the identity's two BatchNorms act as one per-channel affine.
+    block 0's ``W x``) keeps only its input for the backward pass and runs again there
+    (:class:`_RecomputedEntry`), so the entry's normalised tensors are never held; the outputs,
+    gradients and running statistics are those of the plain path (tested). The forward pass calls
+    the entry's modules; the recomputation applies its BatchNorms as functions (their hooks fire
+    once per step) and calls its convolutions again (their hooks fire twice, so that a pruning
+    mask applied by a hook is applied in the recomputation too). Set ``recompute_entry = False``
+    (on the class or one stage) where memory is not the limit. In eval mode the identity's two
+    BatchNorms act as one per-channel affine.
     """
     recompute_entry: bool = True
 
@@ -244,9 +276,7 @@ class PeStage(nn.Module):
         if self.widen is None and self.downsample is None:
             shortcut = x
         elif self._recompute():
-            first = [True]  # running statistics move in the forward pass, not in the recomputation
-            h, shortcut = torch.utils.checkpoint.checkpoint(self._recomputed_entry, x, first, use_reentrant=False,
-                                                              preserve_rng_state=False)  # nothing random in it
+            h, shortcut = _RecomputedEntry.apply(self, x, *self._entry_params())
         else:
             h, shortcut = self._entry(x)
         for i, blk in enumerate(self.blocks):
@@ -263,15 +293,18 @@ class PeStage(nn.Module):
             (list(self.downsample[1:]) if self.downsample is not None else [])
         return (self.recompute_entry and torch.is_grad_enabled() and not is_fx_tracing()
                 and not torch.compiler.is_compiling()  # inductor plans its own recomputation
-                and all(_plain_training_bn(bn) for bn in norms))
+                and all(_plain_training_bn(bn) for bn in norms)
+                and all(p.is_leaf for p in self._entry_params()))  # not parametrized: the same tensors again
 
-    def _recomputed_entry(self, x: torch.Tensor, first: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_entry` with the BatchNorms in training mode, their statistics moved on the first call only."""
-        update, first[0] = first[0], False
-        return self._entry(x, lambda bn, t: _batch_norm(bn, t, update))
+    def _entry_params(self) -> list[torch.Tensor]:
+        """The parameters the stage entry reads: widening, strided identity and block 0's first map."""
+        first = self.blocks[0]
+        w = first.conv1.weight if first.tie == 'none' else (first.w if first.tie == 'block' else self.w).weight
+        return [p for m in (self.widen, self.downsample) if m is not None for p in m.parameters()] + [w]
 
-    def _entry(self, x: torch.Tensor, norm=_call) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block 0's W x, block 0's shortcut) from the stage input.
+    def _entry(self, x: torch.Tensor, norm=_call, backward: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block 0's W x, block 0's shortcut) from the stage input; ``backward``: whether a backward
+        pass follows (default: grad mode), for :meth:`_depthwise`.
 
         The widened input [new, x] feeds only maps that act on channels separately (the depthwise
         conv, the BatchNorms) or linearly (W), so with a strided identity each part is mapped on its
@@ -283,27 +316,27 @@ class PeStage(nn.Module):
                  and _plain_conv(self.downsample[0]) and (first.tie != 'none' or _plain_conv(first.conv1)))
         if not split:  # a hooked or replaced conv reads the widened tensor as itself
             x = torch.cat(parts, dim=1) if len(parts) > 1 else x  # (B, C, H, W): [new, x]
-            return first.first_map(x, self.w), (x if self.downsample is None else self._downsample([x], norm))
-        return first.first_map(parts, self.w), self._downsample(parts, norm)
+            return first.first_map(x, self.w), (x if self.downsample is None else self._downsample([x], norm, backward))
+        return first.first_map(parts, self.w), self._downsample(parts, norm, backward)
 
     def _new(self, x: torch.Tensor, norm=_call) -> torch.Tensor:
         conv, bn, act = self.widen
         return act(norm(bn, conv(x)))  # (B, C - C_in, H, W): the channels the widening adds
 
-    def _downsample(self, parts: list[torch.Tensor], norm=_call) -> torch.Tensor:
+    def _downsample(self, parts: list[torch.Tensor], norm=_call, backward: bool | None = None) -> torch.Tensor:
         """BN(BN(strided depthwise conv)) of the channel concatenation of ``parts``, (B, C, H/s, W/s)."""
         _, bn1, bn2 = self.downsample
         if bn1.training or bn2.training or getattr(bn1, 'running_var', None) is None \
                 or getattr(bn2, 'running_var', None) is None:
-            return norm(bn2, norm(bn1, self._depthwise(parts)))
+            return norm(bn2, norm(bn1, self._depthwise(parts, backward)))
         # both BNs in eval mode: BN2(BN1(y)) is one per-channel affine y * a + b
         a1 = bn1.weight * torch.rsqrt(bn1.running_var + bn1.eps)
         a2 = bn2.weight * torch.rsqrt(bn2.running_var + bn2.eps)
         a, b = a1 * a2, (bn1.bias - bn1.running_mean * a1 - bn2.running_mean) * a2 + bn2.bias
-        y = self._depthwise(parts)
+        y = self._depthwise(parts, backward)
         return y * a[:, None, None].to(y.dtype) + b[:, None, None].to(y.dtype)
 
-    def _depthwise(self, parts: list[torch.Tensor]) -> torch.Tensor:
+    def _depthwise(self, parts: list[torch.Tensor], backward: bool | None = None) -> torch.Tensor:
         """The strided depthwise conv of the parts' channel concatenation: each part with its own
         filters, the (strided, smaller) outputs concatenated. Under CPU autocast, when a backward may
         follow, each part runs in fp32 (:class:`_UpcastDepthwise`); without grad (inference) the
@@ -311,7 +344,7 @@ class PeStage(nn.Module):
         conv = self.downsample[0]
         x = parts[0]
         upcast = (not is_fx_tracing() and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
-                  and torch.is_grad_enabled())
+                  and (torch.is_grad_enabled() if backward is None else backward))
         if len(parts) == 1 and (not upcast or not _plain_conv(conv)):  # the module itself
             if upcast:
                 with torch.autocast('cpu', enabled=False):
