@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every CPU measurement behind docs/PERFORMANCE.md. Run on a quiet machine (nothing else busy):
-#   bash benchmarks/performance.sh docs/perf/cpu      # JSON per measurement, table.md, saved_tensors.txt
+# Every CPU measurement behind docs/PERFORMANCE.md (about 40 minutes on 2 cores). On a quiet machine:
+#   bash benchmarks/performance.sh [OUT]      # default OUT: docs/perf/cpu-<commit>; JSON per measurement,
+#                                             # table.md, saved_tensors*.txt, profiles
 set -euo pipefail
-out=${1:-docs/perf/cpu}
+out=${1:-docs/perf/cpu-$(git rev-parse --short HEAD)}
 mkdir -p "$out"
 git rev-parse --short HEAD > "$out/COMMIT"
 { lscpu | grep "Model name"; nproc; } > "$out/MACHINE"
@@ -21,6 +22,12 @@ for a in "--model resnet26_pe_cifar --mode train --batch-size 16 --channels-last
     $py benchmarks/op_count.py $a $amp --json > "$out/ops-${2}-${4}-$tag.json"
   done
 done
+$py benchmarks/op_count.py --model resnet26_pe_cifar --mode train --batch-size 16 --channels-last --json \
+  --off rowcol.models.resnet.PeStage.recompute_entry > "$out/ops-resnet26_pe_cifar-train-fp32-recompute_off.json"
+for amp in "" "--amp bf16"; do                                      # what one GEMM for Q, K, V buys
+  $py benchmarks/ab_switch.py --model vit_pe_small_patch16_224 --switch rowcol.layers.PeAttention.fused_qkv \
+    --mode train --batch-size 16 --repeats 9 $amp
+done > "$out/ab-fused_qkv-vit_s16.jsonl"
 for amp in "" "--amp bf16"; do                                      # what the recomputed stage entry costs
   $py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
     --mode train --batch-size 128 --channels-last --repeats 9 $amp
