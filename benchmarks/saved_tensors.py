@@ -39,11 +39,13 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> di
     stack: list[str] = ['(top)']
     seen: set[tuple[int, int]] = set()
     per: dict[str, int] = defaultdict(int)
-    hooks = []
-    for name, m in model.named_modules():
-        folded = re.sub(r'\.\d+(?=\.|$)', '.*', name).replace('.blocks.', '.') or '(top)'
-        hooks.append(m.register_forward_pre_hook(lambda mod, args, n=folded: stack.append(n)))
-        hooks.append(m.register_forward_hook(lambda mod, args, out: stack.pop() and None))
+    names = {m: re.sub(r'\.\d+(?=\.|$)', '.*', name).replace('.blocks.', '.') or '(top)'
+             for name, m in model.named_modules()}
+    # global module hooks: a hook on a module would change what it does (a PE stage entry with a
+    # hooked module is not recomputed)
+    hooks = [nn.modules.module.register_module_forward_pre_hook(
+                 lambda mod, args: stack.append(names.get(mod, stack[-1])) and None),
+             nn.modules.module.register_module_forward_hook(lambda mod, args, out: stack.pop() and None)]
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 

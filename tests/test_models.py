@@ -280,37 +280,72 @@ def test_resnet_pe_recomputed_stage_entry_equals_the_plain_path(name, kwargs, ch
     assert int(model.layer3.downsample[1].num_batches_tracked) == 1  # moved once, not again in the recomputation
 
 
-def test_resnet_pe_recomputed_entry_runs_its_modules_once_and_handles_frozen_parts():
-    """The recomputed entry calls its BatchNorms once per step (not again in the recomputation) and
-    its convs twice, gives no gradient to frozen parameters and the plain path's gradients to the
-    others, also with a pruned (hook-masked) widening conv."""
-    from torch.nn.utils import prune
+def _entry_grads(stage, x, recompute: bool, params=None, before_backward=None):
+    """Parameter gradients (by name) of one training step of a PE stage, recomputed entry on or off."""
+    from torch.func import functional_call
     from rowcol.models.resnet import PeStage
+    PeStage.recompute_entry = recompute
+    try:
+        assert stage._recompute() == recompute
+        y = stage(x) if params is None else functional_call(stage, params, (x,))
+        if before_backward is not None:
+            before_backward()
+        y.square().sum().backward()
+    finally:
+        PeStage.recompute_entry = True
+    return {n: p.grad for n, p in (params or dict(stage.named_parameters())).items()}
+
+
+def test_resnet_pe_recomputed_entry_gives_the_plain_gradients_of_frozen_swapped_and_hooked_parameters():
+    """The recomputed entry differentiates exactly the tensors the forward read: frozen parameters get
+    no gradient, an input without grad is fine, parameters swapped in by torch.func.functional_call
+    get theirs, a hook on a parameter runs once, a replaced conv1 with a bias gets its bias gradient,
+    and a weight changed in place before backward is an error, as on the plain path (float64, 1e-10)."""
     torch.manual_seed(0)
     stage = create_model('resnet26_pe_cifar').layer3.train().double()
     plain = copy.deepcopy(stage)
-    calls = []
-    for name, m in stage.named_modules():
-        if name in ('widen.0', 'widen.1', 'downsample.1', 'downsample.2'):
-            m.register_forward_hook(lambda mod, inp, out, name=name: calls.append(name))
     for s in (stage, plain):
         s.widen[1].weight.requires_grad_(False)  # a frozen part of the entry
-        prune.random_unstructured(s.widen[0], 'weight', amount=0.5)  # weight = weight_orig * mask
-    plain.widen[0].weight_mask.copy_(stage.widen[0].weight_mask)
+        s.widen[0].weight.register_hook(lambda g: g * 0.5)  # a hook on a parameter (not on a module)
     x = torch.randn(2, 128, 16, 16, dtype=torch.float64)  # an input that needs no gradient
-    assert PeStage.recompute_entry and stage._recompute()
-    stage(x).square().sum().backward()
-    PeStage.recompute_entry = False
-    try:
-        plain(x).square().sum().backward()
-    finally:
-        PeStage.recompute_entry = True
-    assert sorted(calls) == ['downsample.1', 'downsample.2', 'widen.0', 'widen.0', 'widen.1']
-    assert stage.widen[0].weight_orig.grad.count_nonzero() == stage.widen[0].weight_mask.count_nonzero()
-    for (n, p), (_, q) in zip(stage.named_parameters(), plain.named_parameters()):
-        assert (p.grad is None) == (q.grad is None) == (not p.requires_grad), n
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=n)
+    got, want = _entry_grads(stage, x, True), _entry_grads(plain, x, False)
+    for n in want:
+        assert (got[n] is None) == (want[n] is None) == (n == 'widen.1.weight'), n
+        if want[n] is not None:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-10, msg=n)
+    swapped = {n: p.detach() * 1.5 for n, p in stage.named_parameters()}
+    for t in swapped.values():
+        t.requires_grad_()
+    got = _entry_grads(stage, x, True, {n: t for n, t in swapped.items()})
+    want = _entry_grads(plain, x, False, {n: t.detach().clone().requires_grad_() for n, t in swapped.items()})
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-10, msg=n)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        _entry_grads(stage, x, True, before_backward=lambda: stage.widen[0].weight.detach().add_(0))
+
+    stage = create_model('resnet26_pe_cifar', tie='none').layer3.train().double()
+    stage.blocks[0].conv1 = nn.Conv2d(256, 64, 1, bias=True).double()  # not a plain bias-free conv
+    plain = copy.deepcopy(stage)
+    got, want = _entry_grads(stage, x, True), _entry_grads(plain, x, False)
+    assert want['blocks.0.conv1.bias'] is not None
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_resnet_pe_entry_with_a_hooked_module_is_not_recomputed():
+    """A hook on any module of the stage entry (forward, pre-forward, backward) makes the stage take
+    the plain path, where the hook runs once per step and as registered."""
+    for name in ('widen.0', 'widen.1', 'downsample.0', 'downsample.2', 'w'):
+        stage = create_model('resnet26_pe_cifar').layer3.train()
+        calls = []
+        stage.get_submodule(name).register_forward_hook(lambda mod, inp, out: calls.append(1))
+        assert not stage._recompute(), name
+        stage(torch.randn(2, 128, 16, 16)).sum().backward()
+        assert calls == ([] if name == 'w' else [1]), name  # the tied W is read, its module never called
+    stage = create_model('resnet26_pe_cifar').layer3.train()
+    stage.downsample[1].register_full_backward_hook(lambda mod, gi, go: None)
+    assert not stage._recompute()
+    assert create_model('resnet26_pe_cifar').layer3.train()._recompute()
 
 
 def test_resnet_pe_recomputed_entry_has_second_derivatives():

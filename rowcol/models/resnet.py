@@ -168,15 +168,24 @@ class _UpcastDepthwise(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def _plain_conv(conv: nn.Module) -> bool:
-    """An ``nn.Conv2d`` without hooks, whose weight the stage entry may apply in parts; anything
-    else (hooked, pruned, replaced) is called as itself on the widened tensor."""
-    return type(conv) is nn.Conv2d and not conv._forward_hooks and not conv._forward_pre_hooks
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _plain_conv(conv: nn.Module, depthwise: bool = False) -> bool:
+    """An ``nn.Conv2d`` without hooks or bias, of the shape the split stage entry assumes (a depthwise
+    conv, or with ``depthwise=False`` a 1×1 map), whose weight it may apply in parts; anything else
+    (hooked, biased, pruned, replaced) is called as itself on the widened tensor."""
+    if type(conv) is not nn.Conv2d or _hooked(conv) or conv.bias is not None or conv.padding_mode != 'zeros':
+        return False
+    if depthwise:
+        return conv.groups == conv.in_channels == conv.out_channels
+    return conv.groups == 1 and conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0)
 
 
 def _plain_training_bn(bn: nn.Module) -> bool:
-    """An ``nn.BatchNorm2d`` in training mode with running statistics, which :func:`_batch_norm`
-    reproduces; anything else (frozen, synced, eval-mode) runs as itself."""
+    """An ``nn.BatchNorm2d`` in training mode with running statistics, which :func:`_batch_stats_norm`
+    reproduces in a recomputation; anything else (frozen, synced, eval-mode) runs as itself."""
     return type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats
 
 
@@ -190,39 +199,54 @@ def _batch_stats_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 class _RecomputedEntry(torch.autograd.Function):
-    """A PE stage's entry that keeps only its input for backward and runs again there.
+    """A PE stage's entry that keeps only its input (and the parameters it read) for backward and runs
+    again there.
 
     ``forward`` runs :meth:`PeStage._entry` without autograd, its modules called as themselves (their
-    running statistics move here, once). ``backward`` runs it again with autograd under the forward's
-    autocast state, the BatchNorms on batch statistics alone, and returns the gradients of the input
-    and of the entry's parameters. Less work for the host than ``torch.utils.checkpoint`` (no
-    saved-tensor hooks, no copies of running statistics), which matters where a step is bound by it.
+    running statistics move here, once). ``backward`` runs it again with autograd, under the forward's
+    autocast state and with the BatchNorms on batch statistics alone, on stand-ins for the input and
+    for exactly the parameter tensors the forward read (swapped into their modules for the
+    recomputation, as ``torch.func.functional_call`` swaps them), and returns their gradients: hooks
+    on the parameters run once, when autograd accumulates these, and a parameter changed in place
+    between forward and backward is an error, as on the plain path. Less work for the host than
+    ``torch.utils.checkpoint`` (no saved-tensor hooks, no copies of running statistics), which
+    matters where a step is bound by it.
     """
 
     @staticmethod
-    def forward(ctx, stage: 'PeStage', x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, stage: 'PeStage', slots: list[tuple[nn.Module, str]], x: torch.Tensor, *params: torch.Tensor):
         device = x.device.type
-        ctx.stage, ctx.params = stage, params  # parameters: leaves, held as they are
+        ctx.stage, ctx.slots = stage, slots
         ctx.amp = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)
         return stage._entry(x, backward=True)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, grad_shortcut: torch.Tensor):
-        x, = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()  # a double backward: the recomputation joins x's graph
-        x = x if create_graph else x.detach().requires_grad_(ctx.needs_input_grad[1])
+        x, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: stand-ins joined to the graph
+            stand_in = lambda t: t.view_as(t)  # noqa: E731
+        else:  # new leaves on the same storage
+            stand_in = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
+        inputs = [stand_in(t) for t in (x, *params)]
         device, amp, dtype = ctx.amp
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
-            out = ctx.stage._entry(x, _batch_stats_norm, backward=True)
+        saved = [m._parameters[n] for m, n in ctx.slots]
+        try:
+            for (m, n), t in zip(ctx.slots, inputs[1:]):
+                m._parameters[n] = t
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
+                out = ctx.stage._entry(inputs[0], _batch_stats_norm, backward=True)
+        finally:
+            for (m, n), t in zip(ctx.slots, saved):
+                m._parameters[n] = t
         # the graph's edges, not the recomputed outputs, which nothing in backward reads: not held
         edges, grads = zip(*[(get_gradient_edge(t), g) for t, g in zip(out, (grad_h, grad_shortcut))
                              if t.requires_grad])
         del out
-        need = ctx.needs_input_grad[1:]
-        wrt = [t for t, n in zip((x,) + ctx.params, need) if n]
-        got = iter(torch.autograd.grad(edges, wrt, grads, allow_unused=True, create_graph=create_graph))
-        return (None,) + tuple(next(got) if n else None for n in need)
+        need = ctx.needs_input_grad[2:]
+        got = iter(torch.autograd.grad(edges, [t for t, n in zip(inputs, need) if n], grads, allow_unused=True,
+                                       create_graph=torch.is_grad_enabled()))
+        return (None, None) + tuple(next(got) if n else None for n in need)
 
 
 class PeStage(nn.Module):
@@ -236,12 +260,10 @@ class PeStage(nn.Module):
     ``recompute_entry`` (eager training only): the stage entry (widening, strided identity and
     block 0's ``W x``) keeps only its input for the backward pass and runs again there
     (:class:`_RecomputedEntry`), so the entry's normalised tensors are never held; the outputs,
-    gradients and running statistics are those of the plain path (tested). The forward pass calls
-    the entry's modules; the recomputation applies its BatchNorms as functions (their hooks fire
-    once per step) and calls its convolutions again (their hooks fire twice, so that a pruning
-    mask applied by a hook is applied in the recomputation too). Set ``recompute_entry = False``
-    (on the class or one stage) where memory is not the limit. In eval mode the identity's two
-    BatchNorms act as one per-channel affine.
+    gradients and running statistics are those of the plain path (tested). A module of the entry
+    with hooks (which the recomputation could not run as the forward pass did) makes the stage take
+    the plain path; so does ``recompute_entry = False`` (on the class or one stage), for where memory
+    is not the limit. In eval mode the identity's two BatchNorms act as one per-channel affine.
     """
     recompute_entry: bool = True
 
@@ -276,7 +298,8 @@ class PeStage(nn.Module):
         if self.widen is None and self.downsample is None:
             shortcut = x
         elif self._recompute():
-            h, shortcut = _RecomputedEntry.apply(self, x, *self._entry_params())
+            slots = self._entry_slots()
+            h, shortcut = _RecomputedEntry.apply(self, slots, x, *[m._parameters[n] for m, n in slots])
         else:
             h, shortcut = self._entry(x)
         for i, blk in enumerate(self.blocks):
@@ -294,13 +317,17 @@ class PeStage(nn.Module):
         return (self.recompute_entry and torch.is_grad_enabled() and not is_fx_tracing()
                 and not torch.compiler.is_compiling()  # inductor plans its own recomputation
                 and all(_plain_training_bn(bn) for bn in norms)
-                and all(p.is_leaf for p in self._entry_params()))  # not parametrized: the same tensors again
+                and not any(_hooked(m) for m in self._entry_modules()))  # hooks would not run as in the forward
 
-    def _entry_params(self) -> list[torch.Tensor]:
-        """The parameters the stage entry reads: widening, strided identity and block 0's first map."""
+    def _entry_modules(self) -> list[nn.Module]:
+        """Every module the stage entry calls: widening, strided identity, block 0's first map."""
         first = self.blocks[0]
-        w = first.conv1.weight if first.tie == 'none' else (first.w if first.tie == 'block' else self.w).weight
-        return [p for m in (self.widen, self.downsample) if m is not None for p in m.parameters()] + [w]
+        mapper = first.conv1 if first.tie == 'none' else (first.w if first.tie == 'block' else self.w)
+        return [m for top in (self.widen, self.downsample, mapper) if top is not None for m in top.modules()]
+
+    def _entry_slots(self) -> list[tuple[nn.Module, str]]:
+        """(module, name) of every parameter the stage entry reads."""
+        return [(m, n) for m in self._entry_modules() for n, p in m._parameters.items() if p is not None]
 
     def _entry(self, x: torch.Tensor, norm=_call, backward: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(block 0's W x, block 0's shortcut) from the stage input; ``backward``: whether a backward
@@ -313,7 +340,8 @@ class PeStage(nn.Module):
         parts = [x] if self.widen is None else [self._new(x, norm), x]
         first = self.blocks[0]
         split = (self.downsample is not None and not is_fx_tracing()  # FX cannot split by traced channel counts
-                 and _plain_conv(self.downsample[0]) and (first.tie != 'none' or _plain_conv(first.conv1)))
+                 and _plain_conv(self.downsample[0], depthwise=True)
+                 and (first.tie != 'none' or _plain_conv(first.conv1)))
         if not split:  # a hooked or replaced conv reads the widened tensor as itself
             x = torch.cat(parts, dim=1) if len(parts) > 1 else x  # (B, C, H, W): [new, x]
             return first.first_map(x, self.w), (x if self.downsample is None else self._downsample([x], norm, backward))
@@ -326,8 +354,8 @@ class PeStage(nn.Module):
     def _downsample(self, parts: list[torch.Tensor], norm=_call, backward: bool | None = None) -> torch.Tensor:
         """BN(BN(strided depthwise conv)) of the channel concatenation of ``parts``, (B, C, H/s, W/s)."""
         _, bn1, bn2 = self.downsample
-        if bn1.training or bn2.training or getattr(bn1, 'running_var', None) is None \
-                or getattr(bn2, 'running_var', None) is None:
+        if norm is not _call or bn1.training or bn2.training or getattr(bn1, 'running_var', None) is None \
+                or getattr(bn2, 'running_var', None) is None:  # a recomputation: training mode, whatever the mode now
             return norm(bn2, norm(bn1, self._depthwise(parts, backward)))
         # both BNs in eval mode: BN2(BN1(y)) is one per-channel affine y * a + b
         a1 = bn1.weight * torch.rsqrt(bn1.running_var + bn1.eps)
@@ -345,7 +373,7 @@ class PeStage(nn.Module):
         x = parts[0]
         upcast = (not is_fx_tracing() and x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
                   and (torch.is_grad_enabled() if backward is None else backward))
-        if len(parts) == 1 and (not upcast or not _plain_conv(conv)):  # the module itself
+        if len(parts) == 1 and (not upcast or not _plain_conv(conv, depthwise=True)):  # the module itself
             if upcast:
                 with torch.autocast('cpu', enabled=False):
                     return conv(x.float()).to(x.dtype)
