@@ -204,13 +204,13 @@ class _RecomputedEntry(torch.autograd.Function):
 
     ``forward`` runs :meth:`PeStage._entry` without autograd, its modules called as themselves (their
     running statistics move here, once). ``backward`` runs it again with autograd, under the forward's
-    autocast state and with the BatchNorms on batch statistics alone, on stand-ins for the input and
-    for exactly the parameter tensors the forward read (swapped into their modules for the
-    recomputation, as ``torch.func.functional_call`` swaps them), and returns their gradients: hooks
-    on the parameters run once, when autograd accumulates these, and a parameter changed in place
-    between forward and backward is an error, as on the plain path. Less work for the host than
-    ``torch.utils.checkpoint`` (no saved-tensor hooks, no copies of running statistics), which
-    matters where a step is bound by it.
+    autocast state and with the BatchNorms on batch statistics alone, on exactly the parameter tensors
+    the forward read (where one was swapped out of its module since, as ``torch.func.functional_call``
+    swaps them, or carries hooks, a stand-in for it is swapped in for the recomputation), and returns
+    their gradients: hooks on the parameters run once, when autograd accumulates these, and a
+    parameter changed in place between forward and backward is an error, as on the plain path. Less
+    work for the host than ``torch.utils.checkpoint`` (no saved-tensor hooks, no copies of running
+    statistics), which matters where a step is bound by it.
     """
 
     @staticmethod
@@ -228,16 +228,18 @@ class _RecomputedEntry(torch.autograd.Function):
             stand_in = lambda t: t.view_as(t)  # noqa: E731
         else:  # new leaves on the same storage
             stand_in = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
-        inputs = [stand_in(t) for t in (x, *params)]
+        current = [m._parameters[n] for m, n in ctx.slots]  # put back after the recomputation
+        # a parameter still in its module and without hooks is differentiated as itself (fewer ops)
+        inputs = [stand_in(x)] + [p if p is cur and not p._backward_hooks and not torch.is_grad_enabled()
+                                  else stand_in(p) for p, cur in zip(params, current)]
         device, amp, dtype = ctx.amp
-        saved = [m._parameters[n] for m, n in ctx.slots]
         try:
             for (m, n), t in zip(ctx.slots, inputs[1:]):
                 m._parameters[n] = t
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
                 out = ctx.stage._entry(inputs[0], _batch_stats_norm, backward=True)
         finally:
-            for (m, n), t in zip(ctx.slots, saved):
+            for (m, n), t in zip(ctx.slots, current):
                 m._parameters[n] = t
         # the graph's edges, not the recomputed outputs, which nothing in backward reads: not held
         edges, grads = zip(*[(get_gradient_edge(t), g) for t, g in zip(out, (grad_h, grad_shortcut))
