@@ -299,8 +299,7 @@ class PeStage(nn.Module):
         h = None  # block 0's W x, when the entry computed it
         if self.widen is None and self.downsample is None:
             shortcut = x
-        elif self._recompute():
-            slots = self._entry_slots()
+        elif (slots := self._recomputed_slots()) is not None:
             h, shortcut = _RecomputedEntry.apply(self, slots, x, *[m._parameters[n] for m, n in slots])
         else:
             h, shortcut = self._entry(x)
@@ -313,23 +312,25 @@ class PeStage(nn.Module):
             # with h0 given, block 0 reads only h0 and the shortcut
         return x
 
-    def _recompute(self) -> bool:
+    def _recomputed_slots(self) -> list[tuple[nn.Module, str]] | None:
+        """(module, name) of every parameter the stage entry reads, where the entry is to be
+        recomputed in backward; else None. One walk over the entry's modules, on every forward."""
+        if not (self.recompute_entry and torch.is_grad_enabled()) or is_fx_tracing() \
+                or torch.compiler.is_compiling():  # inductor plans its own recomputation
+            return None
         norms = ([self.widen[1]] if self.widen is not None else []) + \
             (list(self.downsample[1:]) if self.downsample is not None else [])
-        return (self.recompute_entry and torch.is_grad_enabled() and not is_fx_tracing()
-                and not torch.compiler.is_compiling()  # inductor plans its own recomputation
-                and all(_plain_training_bn(bn) for bn in norms)
-                and not any(_hooked(m) for m in self._entry_modules()))  # hooks would not run as in the forward
-
-    def _entry_modules(self) -> list[nn.Module]:
-        """Every module the stage entry calls: widening, strided identity, block 0's first map."""
+        if not all(_plain_training_bn(bn) for bn in norms):
+            return None
         first = self.blocks[0]
         mapper = first.conv1 if first.tie == 'none' else (first.w if first.tie == 'block' else self.w)
-        return [m for top in (self.widen, self.downsample, mapper) if top is not None for m in top.modules()]
-
-    def _entry_slots(self) -> list[tuple[nn.Module, str]]:
-        """(module, name) of every parameter the stage entry reads."""
-        return [(m, n) for m in self._entry_modules() for n, p in m._parameters.items() if p is not None]
+        slots = []
+        for top in (self.widen, self.downsample, mapper):
+            for m in top.modules() if top is not None else ():
+                if _hooked(m):  # hooks would not run as in the forward pass
+                    return None
+                slots += [(m, n) for n, p in m._parameters.items() if p is not None]
+        return slots
 
     def _entry(self, x: torch.Tensor, norm=_call, backward: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(block 0's W x, block 0's shortcut) from the stage input; ``backward``: whether a backward
