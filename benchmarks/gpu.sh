@@ -41,7 +41,7 @@ timeout 25 $py benchmarks/ab_switch.py --model vit_pe_tiny_patch4_32 --switch ro
   --mode infer --batch-size 256 --amp bf16 --repeats 9 > "$out/ab-fused_qkv-vit_tiny32-infer.jsonl" 2>>"$out/ab.log"
 timeout 60 $py benchmarks/speed_table.py --out "$out" --profile --settings bf16 \
   --only r26cifar-train vit_tiny32-infer vit_s16-train r50-train > "$out/profile.log" 2>&1
-COMPILED="vit_s16-train vit_s16-infer vit_tiny32-train vit_tiny32-infer r50-train r50-untied-train r50-infer r26cifar-train"
+COMPILED="vit_s16-train vit_s16-infer vit_tiny32-train vit_tiny32-infer r50-train r50-untied-train r50-infer r26cifar-train r26cifar-untied-train"
 left=$((budget - SECONDS - 5))
 if ((left >= 60)); then
   $py benchmarks/speed_table.py --out "$out" --settings bf16-compile --deadline $left --prewarm $((left / 3)) \

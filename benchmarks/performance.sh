@@ -35,7 +35,9 @@ done > "$out/ab-recompute_entry-r26cifar.jsonl"
 $py benchmarks/ab_switch.py --model resnet26_pe_cifar --switch rowcol.models.resnet.PeStage.recompute_entry \
   --mode train --batch-size 2 --threads 1 --steps 20 --repeats 15 --channels-last > "$out/ab-recompute_entry-r26cifar-host.json"
 {
-  for a in "--model resnet26_pe_cifar --batch-size 128 --channels-last" "--model resnet50_pe --batch-size 16 --channels-last" \
+  for a in "--model resnet26_pe_cifar --batch-size 128 --channels-last" \
+           "--model resnet26_pe_cifar --vs resnet26_pe_cifar_untied --batch-size 128 --channels-last" \
+           "--model resnet50_pe --batch-size 16 --channels-last" \
            "--model resnet50_pe --vs resnet50_pe_untied --batch-size 16 --channels-last" "--model vit_pe_tiny_patch4_32 --batch-size 64" \
            "--model vit_pe_small_patch16_224 --batch-size 16" "--model vit_pe_nano_patch4_32 --batch-size 128"; do
     for amp in "" "--amp bf16"; do

@@ -46,6 +46,8 @@ PAIRS: list[Pair] = [
                           '--channels-last'], 128, 16),  # the tie alone: the same layout untied
     ('vit_nano32-train', ['--model', 'vit_pe_nano_patch4_32', '--mode', 'train'], 128, 128),
     ('r26cifar-train', ['--model', 'resnet26_pe_cifar', '--mode', 'train', '--channels-last'], 128, 128),
+    ('r26cifar-untied-train', ['--model', 'resnet26_pe_cifar', '--vs', 'resnet26_pe_cifar_untied', '--mode', 'train',
+                               '--channels-last'], 128, 128),
 ]
 SETTINGS = ('fp32', 'bf16', 'fp32-compile', 'bf16-compile')
 DEFAULT_SETTINGS = {'cuda': ['bf16-compile', 'bf16'], 'cpu': ['fp32', 'bf16']}

@@ -17,7 +17,7 @@ from rowcol.stats import count_macs, count_params
 PE = pe_models()
 ROWCOL_MODELS = sorted(set(PE) | {dense_twin(n) for n in PE if timm.get_pretrained_cfg(dense_twin(n))
                                   and timm.get_pretrained_cfg(dense_twin(n)).input_size[-1] <= 32}
-                       | {'resnet50_pe_untied'})
+                       | {'resnet50_pe_untied', 'resnet26_pe_cifar_untied'})
 SMALL = {'resnet': 64, 'patch16': 32}  # test-time image sizes for the ImageNet-sized models
 
 
@@ -139,8 +139,19 @@ def test_macs_equal_the_dense_twin(name):
         assert abs(count_macs(pe) / count_macs(dense) - 1) < 0.05
 
 
-def test_resnet50_pe_macs_equal_its_untied_layout():
-    assert count_macs(create_model('resnet50_pe')) == count_macs(create_model('resnet50_pe_untied'))
+@pytest.mark.parametrize('name,untied_params', [('resnet50_pe', 23_641_640), ('resnet26_pe_cifar', 772_186)])
+def test_resnet_pe_macs_equal_its_untied_layout(name, untied_params):
+    """The untied layout (the speed and accuracy control of the tie) does the same MACs with the
+    tied W's weights twice over (W1 and W2 per block of the PE stages) and knows no dense twin."""
+    untied = create_model(f'{name}_untied')
+    assert count_macs(create_model(name)) == count_macs(untied)
+    assert count_params(untied) == untied_params and untied.dense_twin is None
+    assert {type(m).__name__ for m in untied.modules()} >= {'PeStage', 'PeBottleneck'}
+    assert all(blk.conv1.weight.shape[:2] == blk.conv3.weight.shape[1::-1] for stage in (untied.layer3, untied.layer4)
+               for blk in stage.blocks)
+
+
+def test_vit_pe_macs_equal_timms_dense_vit():
     assert count_macs(create_model('vit_pe_tiny_patch16_224')) == count_macs(timm.create_model('vit_tiny_patch16_224'))
 
 
@@ -571,3 +582,37 @@ def test_resnet_pe_stage_entry_respects_each_batchnorm_own_mode():
     ds1, ds2 = model.layer3.downsample[1], model.layer3.downsample[2]
     assert not torch.equal(before[bns.index(ds1)], ds1.running_mean)  # not folded away by the eval path
     assert not torch.equal(before[bns.index(ds2)], ds2.running_mean)
+
+
+def test_resnet_pe_recomputed_entry_never_holds_the_widenings_tensors_beside_its_gradient(monkeypatch):
+    """The recomputation differentiates the widening on its own, after the rest of the entry: the peak
+    of live tensors over a stage's training step is lower than with the widening in the same graph by
+    about two tensors of the widened channels' size (asserted: 1.5), its conv and BN outputs no longer
+    live beside the gradients of the widened channels; the gradients are the same (fp32, 1e-5)."""
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    import rowcol.models.resnet as resnet
+    torch.manual_seed(0)
+    stage = create_model('resnet26_pe_cifar').layer3.train()
+    x = torch.randn(16, 128, 16, 16, requires_grad=True)
+
+    def peak_and_grads():
+        stage.zero_grad(set_to_none=True)
+        x.grad = None
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            stage(x).square().sum().backward()
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_memory_timeline(f'{tmp}/timeline.json', device='cpu')
+            _, sizes = json.loads(open(f'{tmp}/timeline.json').read())
+        return max(sum(s) for s in sizes), [x.grad] + [p.grad for p in stage.parameters()]
+    assert stage._recomputed_slots() is not None and resnet._plain_widening(stage)
+    peak_and_grads()  # warm-up
+    two, got = peak_and_grads()
+    monkeypatch.setattr(resnet, '_plain_widening', lambda s: False)  # one graph for the whole entry
+    one, want = peak_and_grads()
+    new_channels = 16 * 128 * 16 * 16 * 4  # bytes of (B, C - C_in, H, W) in fp32
+    assert one - two >= 1.5 * new_channels, (one, two)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -211,6 +211,12 @@ class _RecomputedEntry(torch.autograd.Function):
     parameter changed in place between forward and backward is an error, as on the plain path. Less
     work for the host than ``torch.utils.checkpoint`` (no saved-tensor hooks, no copies of running
     statistics), which matters where a step is bound by it.
+
+    Where the stage widens, the backward runs in two phases (:func:`_widening_grads`; a double
+    backward keeps one graph): the rest of the entry is differentiated from the widening's output,
+    recomputed without autograd, and then the widening on its own; in one graph its conv and BN
+    outputs were live beside the gradients of the widened channels, where the CIFAR ResNet-PE's
+    training step peaks.
     """
 
     @staticmethod
@@ -232,23 +238,92 @@ class _RecomputedEntry(torch.autograd.Function):
         # a parameter still in its module and without hooks is differentiated as itself (fewer ops)
         inputs = [stand_in(x)] + [p if p is cur and not p._backward_hooks and not torch.is_grad_enabled()
                                   else stand_in(p) for p, cur in zip(params, current)]
+        stage, need = ctx.stage, ctx.needs_input_grad[2:]
+        double = torch.is_grad_enabled()
+        widening = [i for i, (m, _) in enumerate(ctx.slots, 1) if stage.widen is not None and
+                    any(m is w for w in stage.widen.modules())]
+        # in two phases where the stage widens (not in a double backward, which needs one graph): the
+        # rest of the entry differentiated from the widening's output, a leaf computed without autograd,
+        # then the widening itself (_widening_grads); the widening's normalised tensors are then never
+        # live beside the gradients of the widened channels (the CIFAR ResNet-PE's peak memory)
+        two = not double and _plain_widening(stage) and (need[0] or any(need[i] for i in widening))
         device, amp, dtype = ctx.amp
         try:
             for (m, n), t in zip(ctx.slots, inputs[1:]):
                 m._parameters[n] = t
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
-                out = ctx.stage._entry(inputs[0], _batch_stats_norm, backward=True)
+                new = None
+                if two:
+                    with torch.no_grad():
+                        new = stage._new(inputs[0], _batch_stats_norm).requires_grad_()
+                out = stage._entry(inputs[0], _batch_stats_norm, backward=True, new=new)
+            # the graph's edges, not the recomputed outputs, which nothing in backward reads: not held
+            edges, grads = zip(*[(get_gradient_edge(t), g) for t, g in zip(out, (grad_h, grad_shortcut))
+                                 if t.requires_grad])
+            del out
+            first = [n and not (two and i in widening) for i, n in enumerate(need)]
+            got = list(torch.autograd.grad(edges, [t for t, n in zip(inputs, first) if n] + ([new] if two else []),
+                                           grads, allow_unused=True, create_graph=double))
+            del edges, grads, new
+            if two:
+                held = [got.pop()]  # the gradient of the widening's output, freed as soon as it is used
+                more = (_widening_grads(stage, inputs[0], held, ctx.amp) if held[0] is not None
+                        else (None,) * 4)  # x, conv weight, BN weight, BN bias
         finally:
             for (m, n), t in zip(ctx.slots, current):
                 m._parameters[n] = t
-        # the graph's edges, not the recomputed outputs, which nothing in backward reads: not held
-        edges, grads = zip(*[(get_gradient_edge(t), g) for t, g in zip(out, (grad_h, grad_shortcut))
-                             if t.requires_grad])
-        del out
-        need = ctx.needs_input_grad[2:]
-        got = iter(torch.autograd.grad(edges, [t for t, n in zip(inputs, need) if n], grads, allow_unused=True,
-                                       create_graph=torch.is_grad_enabled()))
-        return (None, None) + tuple(next(got) if n else None for n in need)
+        got = iter(got)
+        result = [next(got) if n else None for n in first]
+        if two:
+            conv, bn, _ = stage.widen
+            result[0] = more[0] if result[0] is None else (result[0] if more[0] is None else result[0] + more[0])
+            for i in widening:
+                m, name = ctx.slots[i - 1]
+                result[i] = (more[1] if m is conv else more[2] if name == 'weight' else more[3]) if need[i] else None
+        return (None, None) + tuple(result)
+
+
+def _plain_widening(stage: 'PeStage') -> bool:
+    """The widening is ``nn.Conv2d`` (no bias), ``nn.BatchNorm2d``, ``nn.GELU``, as built: what
+    :func:`_widening_grads` differentiates by hand."""
+    if stage.widen is None:
+        return False
+    conv, bn, act = stage.widen
+    return type(conv) is nn.Conv2d and conv.bias is None and type(bn) is nn.BatchNorm2d and type(act) is nn.GELU
+
+
+def _widening_grads(stage: 'PeStage', x: torch.Tensor, held: list[torch.Tensor],
+                    amp: tuple[str, bool, torch.dtype]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of the widening ``GELU(BN(conv(x)))`` (BN on batch statistics) for x, the conv weight,
+    the BN weight and bias, given the gradient of its output (``held``, taken out of the list so that
+    it is freed once used). The conv runs with autograd; BN and GELU by their own backward kernels,
+    GELU's in place, so that only the conv output and one gradient of its size are live at a time."""
+    conv, bn, act = stage.widen
+    device, enabled, dtype = amp
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        c = conv(x)
+        with torch.no_grad():
+            b, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0., bn.eps)
+    g = held.pop()
+    with torch.no_grad():
+        if g._base is None and g.dtype == b.dtype:  # a gradient of its own: overwritten
+            torch.ops.aten.gelu_backward.grad_input(g, b, approximate=act.approximate, grad_input=g)
+        else:
+            g = torch.ops.aten.gelu_backward(g, b, approximate=act.approximate)
+        del b
+        affine = [t is not None and t.requires_grad for t in (bn.weight, bn.bias)]
+        gc, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, c, bn.weight, None, None, mean, invstd, True, bn.eps, [c.requires_grad] + affine)
+        del g
+    gx = gconv = None
+    if c.requires_grad:
+        wanted = [t for t in (x, conv.weight) if t.requires_grad]
+        edge = get_gradient_edge(c)
+        del c
+        got = iter(torch.autograd.grad(edge, wanted, gc))
+        gx = next(got) if x.requires_grad else None
+        gconv = next(got) if conv.weight.requires_grad else None
+    return gx, gconv, gw, gb
 
 
 class PeStage(nn.Module):
@@ -332,7 +407,8 @@ class PeStage(nn.Module):
                 slots += [(m, n) for n, p in m._parameters.items() if p is not None]
         return slots
 
-    def _entry(self, x: torch.Tensor, norm=_call, backward: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _entry(self, x: torch.Tensor, norm=_call, backward: bool | None = None,
+               new: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(block 0's W x, block 0's shortcut) from the stage input; ``backward``: whether a backward
         pass follows (default: grad mode), for :meth:`_depthwise`.
 
@@ -340,7 +416,7 @@ class PeStage(nn.Module):
         conv, the BatchNorms) or linearly (W), so with a strided identity each part is mapped on its
         own and the widened tensor is never written; at stride 1 it is the shortcut itself.
         """
-        parts = [x] if self.widen is None else [self._new(x, norm), x]
+        parts = [x] if self.widen is None else [self._new(x, norm) if new is None else new, x]
         first = self.blocks[0]
         split = (self.downsample is not None and not is_fx_tracing()  # FX cannot split by traced channel counts
                  and _plain_conv(self.downsample[0], depthwise=True)
@@ -524,6 +600,7 @@ default_cfgs = generate_default_cfgs({
     'resnet50_pe_untied': _cfg(),
     'resnet26_cifar': _cfg(**_cifar),
     'resnet26_pe_cifar': _cfg(**_cifar),
+    'resnet26_pe_cifar_untied': _cfg(**_cifar),
     'resnet26_pe_all_cifar': _cfg(**_cifar),
 })
 
@@ -557,6 +634,12 @@ def resnet26_cifar(pretrained: bool = False, **kwargs) -> ResNetPE:
 def resnet26_pe_cifar(pretrained: bool = False, **kwargs) -> ResNetPE:
     """``resnet26_cifar`` with the authors' PE layout in stages 3-4."""
     return _create_resnet('resnet26_pe_cifar', pretrained, **dict(_R26_CIFAR, **kwargs))
+
+
+@register_model
+def resnet26_pe_cifar_untied(pretrained: bool = False, **kwargs) -> ResNetPE:
+    """The ``resnet26_pe_cifar`` layout with the tie off: its own W1, W2 in every block of stages 3-4."""
+    return _create_resnet('resnet26_pe_cifar_untied', pretrained, **dict(_R26_CIFAR, tie='none', **kwargs))
 
 
 @register_model
