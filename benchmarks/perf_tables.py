@@ -1,6 +1,6 @@
 """Markdown tables for docs/PERFORMANCE.md from the JSON of benchmarks/performance.sh or speed_table.py.
 
-    python benchmarks/perf_tables.py docs/perf/cpu-7a568a1   # bench-*.json, loop-*.json, export-*.json of a folder
+    python benchmarks/perf_tables.py docs/perf/cpu-392d8aa   # bench-*.json, loop-*.json, export-*.json of a folder
 """
 from __future__ import annotations
 

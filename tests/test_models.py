@@ -616,3 +616,43 @@ def test_resnet_pe_recomputed_entry_never_holds_the_widenings_tensors_beside_its
     assert one - two >= 1.5 * new_channels, (one, two)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['gelu_tanh', 'bn_without_affine', 'frozen_conv', 'bf16'])
+def test_resnet_pe_widening_differentiated_on_its_own_equals_one_graph(variant, monkeypatch):
+    """The recomputed entry's second phase (the widening differentiated by hand) gives the gradients
+    of the entry differentiated in one graph: with a tanh GELU, a BN without affine parameters, a
+    frozen widening conv under an input that needs its gradient, and under CPU bf16 autocast
+    (tolerance relative to each gradient's largest entry: fp32 1e-5, bf16 1e-2, its rounding)."""
+    import rowcol.models.resnet as resnet
+    two_phase = resnet._plain_widening
+    torch.manual_seed(0)
+    stage = create_model('resnet26_pe_cifar').layer3.train()
+    if variant == 'gelu_tanh':
+        stage.widen[2].approximate = 'tanh'
+    elif variant == 'bn_without_affine':
+        stage.widen[1] = nn.BatchNorm2d(stage.widen[1].num_features, affine=False)
+    elif variant == 'frozen_conv':
+        stage.widen[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        for m in stage.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_()
+    one = copy.deepcopy(stage)
+    x = torch.randn(4, 128, 16, 16)
+
+    def grads(s, widening_on_its_own):
+        monkeypatch.setattr(resnet, '_plain_widening', two_phase if widening_on_its_own else lambda s: False)
+        assert s._recomputed_slots() is not None and resnet._plain_widening(s) == widening_on_its_own
+        xg = x.clone().requires_grad_()
+        with torch.autocast('cpu', torch.bfloat16, enabled=variant == 'bf16'):
+            y = s(xg)
+        y.float().square().sum().backward()
+        return {'x': xg.grad, **{n: p.grad for n, p in s.named_parameters()}}
+    got, want = grads(stage, True), grads(one, False)
+    tol = 1e-2 if variant == 'bf16' else 1e-5  # bf16: the input's gradient is summed in bf16 on one graph
+    assert got.keys() == want.keys() and ('widen.1.weight' in got) == (variant != 'bn_without_affine')
+    for n in want:
+        assert (got[n] is None) == (want[n] is None) == (variant == 'frozen_conv' and n == 'widen.0.weight'), n
+        if want[n] is not None:
+            torch.testing.assert_close(got[n], want[n], rtol=tol, atol=tol * want[n].abs().max().item(), msg=n)

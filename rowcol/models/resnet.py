@@ -279,17 +279,20 @@ class _RecomputedEntry(torch.autograd.Function):
             result[0] = more[0] if result[0] is None else (result[0] if more[0] is None else result[0] + more[0])
             for i in widening:
                 m, name = ctx.slots[i - 1]
+                # the widening's parameters are conv.weight, bn.weight, bn.bias (_plain_widening)
                 result[i] = (more[1] if m is conv else more[2] if name == 'weight' else more[3]) if need[i] else None
         return (None, None) + tuple(result)
 
 
 def _plain_widening(stage: 'PeStage') -> bool:
-    """The widening is ``nn.Conv2d`` (no bias), ``nn.BatchNorm2d``, ``nn.GELU``, as built: what
+    """The widening is ``nn.Conv2d`` (weight only), ``nn.BatchNorm2d``, ``nn.GELU``, as built: what
     :func:`_widening_grads` differentiates by hand."""
     if stage.widen is None:
         return False
     conv, bn, act = stage.widen
-    return type(conv) is nn.Conv2d and conv.bias is None and type(bn) is nn.BatchNorm2d and type(act) is nn.GELU
+    names = lambda m: {n for n, p in m._parameters.items() if p is not None}  # noqa: E731
+    return (type(conv) is nn.Conv2d and names(conv) == {'weight'} and type(bn) is nn.BatchNorm2d
+            and names(bn) <= {'weight', 'bias'} and type(act) is nn.GELU and not names(act))
 
 
 def _widening_grads(stage: 'PeStage', x: torch.Tensor, held: list[torch.Tensor],
@@ -297,7 +300,7 @@ def _widening_grads(stage: 'PeStage', x: torch.Tensor, held: list[torch.Tensor],
     """Gradients of the widening ``GELU(BN(conv(x)))`` (BN on batch statistics) for x, the conv weight,
     the BN weight and bias, given the gradient of its output (``held``, taken out of the list so that
     it is freed once used). The conv runs with autograd; BN and GELU by their own backward kernels,
-    GELU's in place, so that only the conv output and one gradient of its size are live at a time."""
+    GELU's in place: at most the conv output, the BN output and one gradient of their size are live."""
     conv, bn, act = stage.widen
     device, enabled, dtype = amp
     with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
