@@ -24,6 +24,7 @@ import json
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -69,9 +70,21 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> di
     return dict(per)
 
 
+def peak_of(fn: Callable[[], None], device: torch.device | str = 'cpu') -> int:
+    """The most bytes of live tensors on ``device`` at any time during one call of ``fn``, from
+    torch.profiler's memory timeline (memory the allocator caches is left out)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == 'cuda' else [])
+    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(f'{tmp}/timeline.json', device=str(device))
+        _, sizes = json.loads(open(f'{tmp}/timeline.json').read())
+    return max(sum(s) for s in sizes)
+
+
 def peak_live_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -> int:
     """The most bytes of live tensors at any time in the second of two SGD training steps."""
-    from torch.profiler import ProfilerActivity, profile
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = torch.bfloat16 if amp == 'bf16' else None
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)
@@ -83,13 +96,7 @@ def peak_live_bytes(model: nn.Module, x: torch.Tensor, amp: str | None = None) -
         loss.backward()
         opt.step()
     step()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == 'cuda' else [])
-    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        prof.export_memory_timeline(f'{tmp}/timeline.json', device=str(x.device))
-        _, sizes = json.loads(open(f'{tmp}/timeline.json').read())
-    return max(sum(s) for s in sizes)
+    return peak_of(step, x.device)
 
 
 def main(argv: list[str] | None = None) -> None:

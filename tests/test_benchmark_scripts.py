@@ -255,6 +255,33 @@ def test_resnet_pe_keeps_less_for_backward_than_dense():
                                                  torch.randn(4, 3, 32, 32)).values())
 
 
+def test_resnet_pe_recomputed_entry_never_holds_the_widenings_tensors_beside_its_gradient(monkeypatch):
+    """The recomputation differentiates the widening on its own, after the rest of the entry: the peak
+    of live tensors over a stage's training step is lower than with the widening in the same graph by
+    about two tensors of the widened channels' size (asserted: 1.5), its conv and BN outputs no longer
+    live beside the gradients of the widened channels; the gradients are the same (fp32, 1e-5)."""
+    import rowcol.models.resnet as resnet
+    from rowcol.models import create_model
+    torch.manual_seed(0)
+    stage = create_model('resnet26_pe_cifar').layer3.train()
+    x = torch.randn(16, 128, 16, 16, requires_grad=True)
+
+    def peak_and_grads():
+        stage.zero_grad(set_to_none=True)
+        x.grad = None
+        peak = saved_tensors.peak_of(lambda: stage(x).square().sum().backward())
+        return peak, [x.grad] + [p.grad for p in stage.parameters()]
+    assert stage._recomputed_slots() is not None and resnet._plain_widening(stage)
+    peak_and_grads()  # warm-up
+    two, got = peak_and_grads()
+    monkeypatch.setattr(resnet, '_plain_widening', lambda s: False)  # one graph for the whole entry
+    one, want = peak_and_grads()
+    new_channels = 16 * 128 * 16 * 16 * 4  # bytes of (B, C - C_in, H, W) in fp32
+    assert one - two >= 1.5 * new_channels, (one, two)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_ab_switch_times_both_settings_and_restores_the_switch(monkeypatch, capsys):
     from rowcol.layers import PeAttention
     monkeypatch.setattr(sys, 'argv', ['ab_switch.py', '--model', MICRO, '--switch', 'rowcol.layers.PeAttention.fused_qkv',

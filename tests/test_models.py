@@ -584,40 +584,6 @@ def test_resnet_pe_stage_entry_respects_each_batchnorm_own_mode():
     assert not torch.equal(before[bns.index(ds2)], ds2.running_mean)
 
 
-def test_resnet_pe_recomputed_entry_never_holds_the_widenings_tensors_beside_its_gradient(monkeypatch):
-    """The recomputation differentiates the widening on its own, after the rest of the entry: the peak
-    of live tensors over a stage's training step is lower than with the widening in the same graph by
-    about two tensors of the widened channels' size (asserted: 1.5), its conv and BN outputs no longer
-    live beside the gradients of the widened channels; the gradients are the same (fp32, 1e-5)."""
-    import json
-    import tempfile
-    from torch.profiler import ProfilerActivity, profile
-    import rowcol.models.resnet as resnet
-    torch.manual_seed(0)
-    stage = create_model('resnet26_pe_cifar').layer3.train()
-    x = torch.randn(16, 128, 16, 16, requires_grad=True)
-
-    def peak_and_grads():
-        stage.zero_grad(set_to_none=True)
-        x.grad = None
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
-            stage(x).square().sum().backward()
-        with tempfile.TemporaryDirectory() as tmp:
-            prof.export_memory_timeline(f'{tmp}/timeline.json', device='cpu')
-            _, sizes = json.loads(open(f'{tmp}/timeline.json').read())
-        return max(sum(s) for s in sizes), [x.grad] + [p.grad for p in stage.parameters()]
-    assert stage._recomputed_slots() is not None and resnet._plain_widening(stage)
-    peak_and_grads()  # warm-up
-    two, got = peak_and_grads()
-    monkeypatch.setattr(resnet, '_plain_widening', lambda s: False)  # one graph for the whole entry
-    one, want = peak_and_grads()
-    new_channels = 16 * 128 * 16 * 16 * 4  # bytes of (B, C - C_in, H, W) in fp32
-    assert one - two >= 1.5 * new_channels, (one, two)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize('variant', ['gelu_tanh', 'bn_without_affine', 'frozen_conv', 'bf16'])
 def test_resnet_pe_widening_differentiated_on_its_own_equals_one_graph(variant, monkeypatch):
     """The recomputed entry's second phase (the widening differentiated by hand) gives the gradients

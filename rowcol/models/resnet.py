@@ -230,18 +230,18 @@ class _RecomputedEntry(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, grad_shortcut: torch.Tensor):
         x, *params = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a double backward: stand-ins joined to the graph
+        double = torch.is_grad_enabled()  # a double backward: stand-ins joined to the graph
+        if double:
             stand_in = lambda t: t.view_as(t)  # noqa: E731
         else:  # new leaves on the same storage
             stand_in = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
         current = [m._parameters[n] for m, n in ctx.slots]  # put back after the recomputation
         # a parameter still in its module and without hooks is differentiated as itself (fewer ops)
-        inputs = [stand_in(x)] + [p if p is cur and not p._backward_hooks and not torch.is_grad_enabled()
+        inputs = [stand_in(x)] + [p if p is cur and not p._backward_hooks and not double
                                   else stand_in(p) for p, cur in zip(params, current)]
         stage, need = ctx.stage, ctx.needs_input_grad[2:]
-        double = torch.is_grad_enabled()
-        widening = [i for i, (m, _) in enumerate(ctx.slots, 1) if stage.widen is not None and
-                    any(m is w for w in stage.widen.modules())]
+        widen = {id(m) for m in stage.widen.modules()} if stage.widen is not None else set()
+        widening = [i for i, (m, _) in enumerate(ctx.slots, 1) if id(m) in widen]  # indices into inputs
         # in two phases where the stage widens (not in a double backward, which needs one graph): the
         # rest of the entry differentiated from the widening's output, a leaf computed without autograd,
         # then the widening itself (_widening_grads); the widening's normalised tensors are then never
@@ -265,22 +265,17 @@ class _RecomputedEntry(torch.autograd.Function):
             got = list(torch.autograd.grad(edges, [t for t, n in zip(inputs, first) if n] + ([new] if two else []),
                                            grads, allow_unused=True, create_graph=double))
             del edges, grads, new
-            if two:
-                held = [got.pop()]  # the gradient of the widening's output, freed as soon as it is used
-                more = (_widening_grads(stage, inputs[0], held, ctx.amp) if held[0] is not None
-                        else (None,) * 4)  # x, conv weight, BN weight, BN bias
+            if two:  # the gradient of the widening's output, handed over so that it is freed once used
+                gx, by_param = _widening_grads(stage, inputs[0], [got.pop()], ctx.amp)
         finally:
             for (m, n), t in zip(ctx.slots, current):
                 m._parameters[n] = t
         got = iter(got)
         result = [next(got) if n else None for n in first]
         if two:
-            conv, bn, _ = stage.widen
-            result[0] = more[0] if result[0] is None else (result[0] if more[0] is None else result[0] + more[0])
+            result[0] = result[0] + gx if need[0] else None
             for i in widening:
-                m, name = ctx.slots[i - 1]
-                # the widening's parameters are conv.weight, bn.weight, bn.bias (_plain_widening)
-                result[i] = (more[1] if m is conv else more[2] if name == 'weight' else more[3]) if need[i] else None
+                result[i] = by_param.get(id(inputs[i])) if need[i] else None
         return (None, None) + tuple(result)
 
 
@@ -295,12 +290,13 @@ def _plain_widening(stage: 'PeStage') -> bool:
             and names(bn) <= {'weight', 'bias'} and type(act) is nn.GELU and not names(act))
 
 
-def _widening_grads(stage: 'PeStage', x: torch.Tensor, held: list[torch.Tensor],
-                    amp: tuple[str, bool, torch.dtype]) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of the widening ``GELU(BN(conv(x)))`` (BN on batch statistics) for x, the conv weight,
-    the BN weight and bias, given the gradient of its output (``held``, taken out of the list so that
-    it is freed once used). The conv runs with autograd; BN and GELU by their own backward kernels,
-    GELU's in place: at most the conv output, the BN output and one gradient of their size are live."""
+def _widening_grads(stage: 'PeStage', x: torch.Tensor, held: list[torch.Tensor], amp: tuple[str, bool, torch.dtype]
+                    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """Gradients of the widening ``GELU(BN(conv(x)))`` (BN on batch statistics): x's, and the
+    parameters' by ``id`` of the tensor in the module (conv weight, BN weight and bias), given the
+    gradient of its output (``held``, taken out of the list so that it is freed once used). The conv
+    runs with autograd; BN and GELU by their own backward kernels, GELU's in place: at most the conv
+    output, the BN output and one gradient of their size are live."""
     conv, bn, act = stage.widen
     device, enabled, dtype = amp
     with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
@@ -318,15 +314,16 @@ def _widening_grads(stage: 'PeStage', x: torch.Tensor, held: list[torch.Tensor],
         gc, gw, gb = torch.ops.aten.native_batch_norm_backward(
             g, c, bn.weight, None, None, mean, invstd, True, bn.eps, [c.requires_grad] + affine)
         del g
-    gx = gconv = None
+    by_param = {id(t): g for t, g in ((bn.weight, gw), (bn.bias, gb)) if g is not None}
+    gx = None
     if c.requires_grad:
         wanted = [t for t in (x, conv.weight) if t.requires_grad]
         edge = get_gradient_edge(c)
         del c
-        got = iter(torch.autograd.grad(edge, wanted, gc))
-        gx = next(got) if x.requires_grad else None
-        gconv = next(got) if conv.weight.requires_grad else None
-    return gx, gconv, gw, gb
+        got = dict(zip(map(id, wanted), torch.autograd.grad(edge, wanted, gc)))
+        gx = got.pop(id(x), None)
+        by_param.update(got)
+    return gx, by_param
 
 
 class PeStage(nn.Module):
